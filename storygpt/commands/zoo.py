@@ -1,0 +1,31 @@
+"""storygpt zoo --preset tiny --out DIR"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from storygpt.commands import add_config_arguments
+from storygpt.config import ConfigError, load_config
+from storygpt.world.stories import caption_corpus
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--preset", help="shorthand for --config configs/PRESET.yaml")
+    p.add_argument("--out", help="model dir (default: {work_dir}/zoo)")
+
+
+def run(args) -> int:
+    from storygpt.models.zoo import build_tiny_zoo
+
+    config = f"configs/{args.preset}.yaml" if args.preset else args.config
+    cfg = load_config(config, args.overrides)
+    if cfg.zoo is None:
+        raise ConfigError(f"zoo: preset '{cfg.preset}' has no tiny model sizes (only tiny presets build a zoo)")
+    out = args.out or cfg.path("{work_dir}/zoo")
+    start = time.perf_counter()
+    parts = build_tiny_zoo(cfg.zoo, out, caption_corpus(seed=cfg.seed), seed=cfg.seed)
+    print(json.dumps({"zoo": str(out), "parts": {k: str(v) for k, v in parts.items()},
+                      "seconds": round(time.perf_counter() - start, 1)}))
+    return 0

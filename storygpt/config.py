@@ -1,0 +1,283 @@
+"""One typed schema for the whole system, YAML presets, dotted overrides.
+
+A preset is data (``configs/*.yaml``). It may ``extends:`` another preset (a path relative to
+itself); mappings merge key by key, everything else replaces. ``--set a.b=value`` overrides
+parse ``value`` as YAML. Unknown keys, wrong types and missing required paths raise
+:class:`ConfigError` naming the dotted key and what was expected, nanoGPT-configurator style.
+
+The numbers live in the presets, not here: method hyperparameters have no defaults, so a
+preset that forgets one fails loudly instead of silently training something else.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DatasetFormat = Literal["flintstones", "storygptv", "pororo"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the dotted key and what was expected."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- data
+class WorldConfig(Section):
+    """The procedural story world (the embedded default dataset)."""
+
+    stories: int = Field(gt=0)
+    seed: int
+    image_size: int = Field(ge=64)
+    clip_frames: int = Field(ge=1, description="sampled frames stacked per clip .npy")
+    val_fraction: float = Field(ge=0, lt=1)
+    test_fraction: float = Field(ge=0, lt=1)
+
+
+class DataConfig(Section):
+    format: DatasetFormat
+    dataset: Literal["world", "flintstones", "pororo"] = Field(
+        description="character table (names, genders, label order) the corpus uses"
+    )
+    root: str = Field(description="dataset directory; '{work_dir}' is substituted")
+    split: Literal["train", "val", "test"]
+    clip_frame: int = Field(ge=0, description="which sampled frame of a clip (.npy / PNG strip)")
+    frames_per_story: int = Field(ge=2)
+    box_source_size: tuple[int, int] | None = Field(
+        default=None, description="(W, H) the annotation boxes are expressed in; null = frame pixels"
+    )
+    on_error: Literal["raise", "skip"] = Field(
+        description="bad input: raise naming file and id, or skip and count it in the report"
+    )
+    world: WorldConfig | None = None
+
+
+# ----------------------------------------------------------------------------- models
+class ModelPaths(Section):
+    """Local weight directories, one per pretrained part; '{work_dir}' is substituted."""
+
+    clip_text: str
+    clip_vision: str
+    vae: str
+    unet: str
+    scheduler: str
+    lm: str
+    sam: str
+    super_resolution: str
+
+
+class TinyZooConfig(Section):
+    """Sizes of the random tiny models ``storygpt zoo`` builds (tests and quickstart)."""
+
+    tokenizer_vocab_size: int = Field(ge=300)
+    clip_hidden_size: int
+    clip_layers: int
+    clip_heads: int
+    clip_projection_dim: int
+    vision_image_size: int
+    vision_patch_size: int
+    vae_block_out_channels: list[int]
+    vae_latent_channels: int
+    unet_sample_size: int
+    unet_block_out_channels: list[int] = Field(min_length=4, max_length=4)
+    unet_layers_per_block: int
+    unet_attention_head_dim: int
+    lm_hidden_size: int
+    lm_layers: int
+    lm_heads: int
+    lm_ffn_dim: int
+    lm_max_positions: int
+    sam_image_size: int
+    sam_embed_dim: int
+    sam_depth: int
+    sam_heads: int
+    sr_block_out_channels: list[int]
+    sr_vq_channels: list[int]
+
+
+# ----------------------------------------------------------------------------- stage 1
+class CharLDMConfig(Section):
+    resolution: int
+    max_characters: int = Field(ge=1)
+    trainable_vision_layers: int = Field(ge=0)
+    lreg_weight: float = Field(ge=0)
+    lreg_blocks: list[str] = Field(min_length=1)
+    p_unconditional: float = Field(ge=0, le=1)
+    p_text_only: float = Field(ge=0, le=1)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    max_steps: int = Field(gt=0)
+    mixed_precision: Literal["no", "bf16"]
+    prediction_type: Literal["epsilon"]
+    sample_steps: int = Field(gt=0)
+    guidance_scale: float = Field(ge=1)
+    sampler: Literal["ddim", "pndm"]
+
+    @model_validator(mode="after")
+    def _schedule_sums_to_at_most_one(self) -> "CharLDMConfig":
+        if self.p_unconditional + self.p_text_only > 1:
+            raise ValueError("p_unconditional + p_text_only must be <= 1 (the rest is fused)")
+        return self
+
+
+# ----------------------------------------------------------------------------- stage 2
+class AlignerConfig(Section):
+    lm_family: Literal["opt", "llama"]
+    visual_tokens: int = Field(ge=1, description="m: LM-space tokens per frame")
+    img_tokens: int = Field(ge=1, description="R: [IMG] tokens")
+    mapper_dim: int
+    mapper_encoder_layers: int
+    mapper_decoder_layers: int
+    mapper_heads: int
+    mapper_ffn_dim: int
+    mapper_queries: int = Field(description="L: learnable queries (77 = CLIP text length)")
+    max_length: int
+    learning_rate: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    max_steps: int = Field(gt=0)
+
+
+# ----------------------------------------------------------------------------- systems
+class TrainConfig(Section):
+    num_workers: int = Field(ge=1)
+    use_gpu: bool
+    zero_stage: Literal[2, 3]
+    deepspeed_config: str
+    gradient_accumulation_steps: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)
+    max_failures: int = Field(ge=-1)
+    checkpoints_to_keep: int = Field(ge=1)
+    storage_path: str
+
+
+class MLflowConfig(Section):
+    tracking_uri: str | None = Field(
+        default=None, description="null: $MLFLOW_TRACKING_URI, else sqlite in the work dir"
+    )
+    experiment: str
+
+
+class StoryConfig(Section):
+    """The whole system. ``work_dir`` holds everything a run writes."""
+
+    preset: str
+    work_dir: str
+    seed: int
+    data: DataConfig
+    models: ModelPaths
+    zoo: TinyZooConfig | None = None
+    char_ldm: CharLDMConfig
+    aligner: AlignerConfig
+    train: TrainConfig
+    mlflow: MLflowConfig
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path: substitute '{work_dir}', keep it relative to the cwd."""
+        return Path(value.replace("{work_dir}", self.work_dir))
+
+    def require_dir(self, dotted: str, hint: str = "") -> Path:
+        """Return the directory at ``dotted`` or raise naming the key (a missing weights dir)."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        path = self.path(value)
+        if not path.is_dir():
+            extra = f" ({hint})" if hint else ""
+            raise ConfigError(f"{dotted}: expected an existing directory, got '{path}'{extra}")
+        return path
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened dotted view (MLflow params, manifests)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StoryConfig:
+    raw = _read_preset(Path(path), seen=())
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return StoryConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source=str(path))) from None
+
+
+def _read_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: '{path}'")
+    if path.resolve() in seen:
+        raise ConfigError(f"extends: cycle through '{path}'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_preset(path.parent / parent, seen + (path.resolve(),))
+    return _merge(base, data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {key}: '{where}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check spelling; see storygpt/config.py)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required, missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

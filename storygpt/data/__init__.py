@@ -1,0 +1,1 @@
+"""Story datasets: one record type, readers for each layout, the referential extension."""

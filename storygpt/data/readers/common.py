@@ -1,0 +1,88 @@
+"""Helpers the readers share: strict file loading, box scaling, character resolution."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storygpt.data.characters import CharacterTable
+from storygpt.data.errors import DatasetError
+from storygpt.data.images import npy_clip_shape
+from storygpt.data.records import Box, ReadReport
+
+
+def require(path: Path) -> Path:
+    if not path.is_file():
+        raise DatasetError(str(path), None, "required file is missing")
+    return path
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(require(path).read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(str(path), None, f"not valid JSON: {err}") from None
+
+
+def read_pickle(path: Path) -> Any:
+    # The datasets ship pickles; only open ones you downloaded from the dataset's authors.
+    try:
+        with open(require(path), "rb") as fh:
+            return pickle.load(fh)
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise DatasetError(str(path), None, f"not a valid pickle: {err}") from None
+
+
+def read_npy_object(path: Path) -> Any:
+    try:
+        value = np.load(require(path), allow_pickle=True, encoding="latin1")
+    except (ValueError, OSError) as err:
+        raise DatasetError(str(path), None, f"not a valid .npy: {err}") from None
+    return value.item() if value.dtype == object and value.shape == () else value
+
+
+def split_ids(split_file: Path, split: str) -> list:
+    splits = read_json(split_file)
+    if not isinstance(splits, dict) or split not in splits:
+        keys = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
+        raise DatasetError(str(split_file), None, f"expected a '{split}' list, found {keys}")
+    return list(splits[split])
+
+
+def clip_problem(path: Path, clip_frame: int, size: int | None = None) -> str | None:
+    """Why a stacked clip ``.npy`` is unusable, or None. ``size``: expected frame side."""
+    if not path.is_file():
+        return "frame file is missing"
+    try:
+        shape = npy_clip_shape(path)
+    except (ValueError, OSError) as err:
+        return f"unreadable .npy: {err}"
+    frame = shape[1:] if len(shape) == 4 else shape
+    if len(frame) != 3 or frame[2] != 3 or frame[0] != frame[1]:
+        return f"expected (T, H, W, 3) or (H, W, 3) square frames, got {shape}"
+    if size is not None and frame[0] != size:
+        return f"expected {size}x{size} frames, got {frame[0]}x{frame[1]}"
+    if len(shape) == 4 and clip_frame >= shape[0]:
+        return f"clip_frame {clip_frame} out of range: the clip has {shape[0]} frames"
+    return None
+
+
+def scale_box(box: list[float], source: tuple[int, int] | None, frame_size: int) -> Box:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if source is not None:
+        sx, sy = frame_size / source[0], frame_size / source[1]
+        x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+    return (x0, y0, x1, y1)
+
+
+def resolve_character(label: str, table: CharacterTable, report: ReadReport) -> str | None:
+    """The table name for an annotation label; unknown labels are counted, not kept."""
+    char = table.get(label)
+    if char is None:
+        report.unknown_characters[label] = report.unknown_characters.get(label, 0) + 1
+        return None
+    return char.name

@@ -1,0 +1,1 @@
+"""The procedural story world: the embedded default dataset, written in the FlintstonesSV layout."""
