@@ -1,7 +1,7 @@
 """The referential extension (paper Algorithm 1, Make-A-Story's rules; DESIGN §3).
 
-The first frame sets the tracked character set. A later frame whose (non-empty) character set is
-a subset of the tracked set is rewritten: one character -> "he"/"she" by gender (object and
+The first frame sets the tracked character set. A later frame whose character set is a subset
+of the tracked set is rewritten: one character -> "he"/"she" by gender (object and
 possessive forms where the grammar asks), several -> "they" replacing the coordinated names
 ("A and B", "A, B and C"). Any other frame resets the tracked set to its own characters.
 
@@ -55,7 +55,7 @@ def referential_story(
     tracked: set[str] = set()
     for i, (caption, names) in enumerate(zip(captions, characters)):
         current = {table.get(n).name for n in names if table.get(n) is not None}
-        if i > 0 and current and current <= tracked:
+        if i > 0 and current <= tracked:  # (an empty frame is a subset: nothing to rewrite)
             out.append(rewrite_caption(caption, current, table))
             continue  # the tracked set stays as it was
         tracked = current

@@ -1,0 +1,135 @@
+import pickle
+
+import numpy as np
+import pytest
+
+from corpora import FLINT_IDS, flintstones, pororo, storygptv
+from storygpt.data.characters import FLINTSTONES, PORORO, WORLD
+from storygpt.data.errors import DatasetError
+from storygpt.data.images import load_image, load_masks
+from storygpt.data.readers import ReadOptions, read_stories
+
+
+def test_flintstones_corpus_not_written_by_the_world(tmp_path):
+    root = flintstones(tmp_path)
+    stories, report = read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", box_source_size=(640, 480), clip_frame=3))
+    assert [s.story_id for s in stories] == [FLINT_IDS[0][0], FLINT_IDS[1][0]]
+    first = stories[0].frames[0]
+    assert first.characters == ["Wilma", "Mr. Slate"]
+    assert first.boxes == [(12.8, 12.8, 64.0, 64.0), (64.0, 64.0, 128.0, 128.0)]  # 640x480 -> 128 px
+    assert report.unknown_characters == {"woman": 6}  # counted, not kept as a character
+    assert stories[0].frames[1].characters == [] and stories[0].frames[1].boxes == []
+    assert first.masks is None  # the release ships no masks
+    clip = np.load(root / "video_frames_sampled" / f"{first.id}.npy")
+    assert np.array_equal(load_image(first.image), clip[3])  # the configured sampled frame
+
+
+def test_flintstones_referential_across_frames(tmp_path):
+    stories, _ = read_stories("flintstones", flintstones(tmp_path), FLINTSTONES, ReadOptions(split="test"))
+    frames = stories[0].frames
+    # frame 2 has the same two characters, but they are not one coordinated phrase: unchanged
+    assert frames[2].referential_caption == frames[2].caption
+    assert all(f.referential_caption == f.caption for f in frames[1::2])  # empty frames
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda r: (r / "video_frames_sampled" / f"{FLINT_IDS[0][2]}.npy").unlink(), "frame file is missing"),
+        (lambda r: np.save(r / "video_frames_sampled" / f"{FLINT_IDS[0][2]}.npy", np.zeros((64, 64, 4), np.uint8)),
+         r"expected \(T, H, W, 3\)"),
+        (lambda r: (r / "video_frames_sampled" / f"{FLINT_IDS[0][2]}.npy").write_bytes(b"garbage"), "unreadable .npy"),
+    ],
+)
+def test_bad_frame_files_raise_naming_file_and_id_or_are_skipped_and_counted(tmp_path, damage, match):
+    root = flintstones(tmp_path)
+    damage(root)
+    bad_id = FLINT_IDS[0][2]
+    with pytest.raises(DatasetError, match=match) as err:
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+    assert bad_id in str(err.value) and f"{bad_id}.npy" in str(err.value)
+    stories, report = read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", on_error="skip"))
+    assert [s.story_id for s in stories] == [FLINT_IDS[1][0]]  # the good story is kept
+    assert [(s.id, s.file.endswith(f"{bad_id}.npy")) for s in report.skipped] == [(bad_id, True)]
+    assert report.summary()["skipped"] == 1
+
+
+def test_ids_absent_from_split_or_annotations_are_named(tmp_path):
+    root = flintstones(tmp_path)
+    following = pickle.loads((root / "following_cache4.pkl").read_bytes())
+    following[FLINT_IDS[0][0]] = FLINT_IDS[0][1:3] + [FLINT_IDS[2][0], "s_09_e_09_shot_0_1"]
+    (root / "following_cache4.pkl").write_bytes(pickle.dumps(following))
+    with pytest.raises(DatasetError, match=rf"train-val-test_split.json \[id {FLINT_IDS[2][0]}\]: .*not in the 'train' split"):
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+    following[FLINT_IDS[0][0]] = FLINT_IDS[0][1:4] + ["s_09_e_09_shot_0_1"]
+    (root / "following_cache4.pkl").write_bytes(pickle.dumps(following))
+    with pytest.raises(DatasetError, match=r"flintstones_annotations_v1-0.json \[id s_09_e_09_shot_0_1\]: .*no annotation"):
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+
+
+def test_structural_problems(tmp_path):
+    root = flintstones(tmp_path)
+    with pytest.raises(DatasetError, match="clip_frame 7 out of range: the clip has 5 frames"):
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", clip_frame=7))
+    with pytest.raises(DatasetError, match=r"following_cache3.pkl: required file is missing"):
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", frames_per_story=4))
+    with pytest.raises(DatasetError, match="expected a 'dev' list"):
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="dev"))
+    (root / "flintstones_annotations_v1-0.json").write_text(
+        (root / "flintstones_annotations_v1-0.json").read_text().replace("[64, 48, 320, 240]", "[64, 48, 320]"))
+    with pytest.raises(DatasetError, match=r"character Wilma: expected \[x0, y0, x1, y1\], got \[64.0, 48.0, 320.0\]"):
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+
+
+def test_storygptv_layout(tmp_path):
+    root = storygptv(tmp_path)
+    stories, report = read_stories("storygptv", root, FLINTSTONES, ReadOptions(split="train", frames_per_story=4))
+    assert len(stories) == 2 and all(len(s.frames) == 4 for s in stories) and not report.skipped
+    f = stories[0].frames[0]
+    assert f.characters == ["Fred", "Dino"]  # in token order
+    assert f.boxes == [(20.0, 40.0, 100.0, 120.0), (120.0, 20.0, 200.0, 100.0)]  # 128 px grid -> 256 px
+    assert f.setting == "bg3" and f.caption == "Fred and Dino play outside." and len(f.captions) == 2
+    masks = load_masks(f.masks)
+    assert masks.shape == (2, 256, 256)
+    assert masks[0].sum() == 80 * 80 and masks[0][40:120, 20:100].all()  # segment 7 = Fred
+    assert not masks[1].any()  # Dino's segment 9 is absent from the map
+    # The mask lies inside the box that the segment's bbox gives (the official crop order).
+    x0, y0, x1, y1 = (int(v) for v in f.boxes[0])
+    assert masks[0][y0:y1, x0:x1].sum() == masks[0].sum()
+    assert stories[0].frames[1].referential_caption == "They play outside."
+
+
+def test_pororo_layout(tmp_path):
+    root = pororo(tmp_path)
+    stories, report = read_stories("pororo", root, PORORO, ReadOptions(split="train", clip_frame=1))
+    assert len(stories) == 2 and not report.skipped
+    frames = stories[0].frames
+    assert frames[0].id == "Pororo_ENGLISH1_1/Pororo_ENGLISH1_1_ep0/0"
+    assert frames[0].characters == ["Pororo", "Loopy"] and frames[0].boxes == [None, None]
+    assert frames[0].caption == "Pororo and loopy are playing." and frames[0].masks is None
+    assert frames[1].referential_caption == "She is baking cookies."
+    image = load_image(frames[2].image)
+    assert image.shape == (64, 64, 3) and tuple(image[0, 0]) == (0, 20, 0)  # second square of the strip
+    test, _ = read_stories("pororo", root, PORORO, ReadOptions(split="test"))
+    assert [s.story_id for s in test] == ["Pororo_ENGLISH1_1/Pororo_ENGLISH1_1_ep2/0"]
+
+
+def test_pororo_problems(tmp_path):
+    root = pororo(tmp_path)
+    (root / "Pororo_ENGLISH1_1/Pororo_ENGLISH1_1_ep1/3.png").unlink()
+    with pytest.raises(DatasetError, match=r"ep1/3.png \[id Pororo_ENGLISH1_1/Pororo_ENGLISH1_1_ep1/3\]: frame file is missing"):
+        read_stories("pororo", root, PORORO, ReadOptions(split="train"))
+    stories, report = read_stories("pororo", root, PORORO, ReadOptions(split="train", on_error="skip"))
+    assert len(stories) == 1 and len(report.skipped) == 1
+    with pytest.raises(DatasetError, match="with > 2 frames, got 64x128"):
+        read_stories("pororo", root, PORORO, ReadOptions(split="test", clip_frame=2))
+
+
+def test_world_masks_align_with_boxes(world_dir):
+    stories, report = read_stories("flintstones", world_dir, WORLD, ReadOptions(split="train"))
+    assert report.stories == 12 and report.frames == 60 and not report.skipped
+    for frame in (f for s in stories for f in s.frames if f.characters):
+        masks = load_masks(frame.masks)
+        for mask, (x0, y0, x1, y1) in zip(masks, frame.boxes):
+            ys, xs = np.nonzero(mask)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
