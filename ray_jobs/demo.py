@@ -35,7 +35,8 @@ def run(args) -> int:
         results[name] = step(cfg)
         print(f"      done in {time.perf_counter() - t:.1f}s: {json.dumps(results[name])}", flush=True)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s (preset '{cfg.preset}', work dir {cfg.work_dir})")
-    print(f"  dataset:  {results['story world']['root']}  (inspect: storygpt data show --referential)")
+    root = results["story world"]["root"]
+    print(f"  dataset:  {root}  (inspect: storygpt data show --referential --root {root})")
     print(f"  models:   {results['tiny model zoo']['zoo']}")
     print("  not yet in the demo: preprocess, train Char-LDM, precompute, train aligner, evaluate, serve")
     return 0
@@ -51,11 +52,10 @@ def _world(cfg: StoryConfig) -> dict:
 
 
 def _zoo(cfg: StoryConfig) -> dict:
-    from storygpt.models.zoo import build_tiny_zoo
-    from storygpt.world.stories import caption_corpus
+    from storygpt.commands.zoo import build_zoo_quietly
 
     out = cfg.path("{work_dir}/zoo")
-    parts = build_tiny_zoo(cfg.zoo, out, caption_corpus(seed=cfg.seed), seed=cfg.seed)
+    parts = build_zoo_quietly(cfg, out)
     return {"zoo": str(out), "parts": sorted(parts)}
 
 

@@ -10,6 +10,18 @@ from storygpt.config import ConfigError, load_config
 from storygpt.world.stories import caption_corpus
 
 
+def build_zoo_quietly(cfg, out) -> dict:
+    """The tiny zoo from the config, trained tokenizers on the world's captions, no save bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from storygpt.models.zoo import build_tiny_zoo
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    return build_tiny_zoo(cfg.zoo, out, caption_corpus(seed=cfg.seed), seed=cfg.seed)
+
+
 def add_arguments(p) -> None:
     add_config_arguments(p)
     p.add_argument("--preset", help="shorthand for --config configs/PRESET.yaml")
@@ -17,15 +29,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from storygpt.models.zoo import build_tiny_zoo
-
     config = f"configs/{args.preset}.yaml" if args.preset else args.config
     cfg = load_config(config, args.overrides)
     if cfg.zoo is None:
         raise ConfigError(f"zoo: preset '{cfg.preset}' has no tiny model sizes (only tiny presets build a zoo)")
     out = args.out or cfg.path("{work_dir}/zoo")
     start = time.perf_counter()
-    parts = build_tiny_zoo(cfg.zoo, out, caption_corpus(seed=cfg.seed), seed=cfg.seed)
+    parts = build_zoo_quietly(cfg, out)
     print(json.dumps({"zoo": str(out), "parts": {k: str(v) for k, v in parts.items()},
                       "seconds": round(time.perf_counter() - start, 1)}))
     return 0

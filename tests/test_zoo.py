@@ -1,0 +1,258 @@
+"""The tiny zoo builds every part, and the one loader per part reads it back and runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from storygpt.config import load_config
+from storygpt.data.characters import WORLD
+from storygpt.models import loading
+from storygpt.models.sam import SamArchitecture, build_sam
+from storygpt.models.zoo import SD15_SCHEDULE, build_tiny_zoo
+from storygpt.world.stories import caption_corpus
+
+PARTS = {"clip_text", "clip_vision", "vae", "unet", "scheduler", "opt", "llama", "sam",
+         "super_resolution"}
+CAPTION = "Ada and Bruno are walking in the forest."
+
+
+@pytest.fixture(scope="module")
+def cfg(repo, tmp_path_factory):
+    return load_config(repo / "configs/tiny.yaml", [f"work_dir={tmp_path_factory.mktemp('work')}"])
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return caption_corpus(seed=0, stories=200)
+
+
+@pytest.fixture(scope="module")
+def built(cfg, corpus):
+    start = time.perf_counter()
+    parts = build_tiny_zoo(cfg.zoo, cfg.path("{work_dir}/zoo"), corpus, seed=0)
+    return parts, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def zoo(built) -> dict[str, Path]:
+    return built[0]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    files = (p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+# ----------------------------------------------------------------------------- the build
+def test_build_writes_every_part_where_the_preset_expects_it(cfg, built):
+    parts, seconds = built
+    assert set(parts) == PARTS
+    assert seconds < 60
+    configured = {name: cfg.path(getattr(cfg.models, name)) for name in type(cfg.models).model_fields}
+    assert configured["lm"] == parts["opt"]
+    assert all(configured[name] == parts[name] for name in configured.keys() - {"lm"})
+    files = [p for d in parts.values() for p in d.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]  # safetensors only
+    assert not list(parts["vae"].parent.glob(".*"))  # no staging dirs left behind
+
+
+def test_build_is_deterministic(zoo, cfg, corpus, tmp_path):
+    again = build_tiny_zoo(cfg.zoo, tmp_path, corpus, seed=0)
+    for part, directory in zoo.items():
+        assert _digests(again[part]) == _digests(directory), part
+
+
+# ----------------------------------------------------------------------------- tokenizers
+@pytest.mark.parametrize("part", ["clip_text", "opt", "llama"])
+def test_tokenizer_round_trip_and_names_are_single_tokens(zoo, part):
+    load = loading.load_clip_text if part == "clip_text" else loading.load_lm
+    tokenizer, _ = load(zoo[part])
+    decoded = tokenizer.decode(tokenizer(CAPTION)["input_ids"], skip_special_tokens=True)
+    if part == "clip_text":  # CLIP lower-cases and splits punctuation off
+        assert decoded.replace(" ", "") == CAPTION.lower().replace(" ", "")
+    else:
+        assert decoded == CAPTION
+    for name in WORLD.names:
+        text = name if part != "opt" else " " + name  # GPT-2 BPE: the word with its space
+        assert len(tokenizer.tokenize(text)) == 1, (part, name, tokenizer.tokenize(text))
+
+
+def test_lm_special_tokens_follow_the_real_models(zoo):
+    opt, _ = loading.load_lm(zoo["opt"])
+    assert (opt.bos_token, opt.eos_token, opt.pad_token) == ("</s>", "</s>", "<pad>")
+    assert opt("Ada")["input_ids"][0] == opt.bos_token_id  # OPT prepends </s>
+    llama, _ = loading.load_lm(zoo["llama"])
+    assert (llama.bos_token, llama.eos_token, llama.unk_token) == ("<s>", "</s>", "<unk>")
+    assert llama("Ada")["input_ids"][0] == llama.bos_token_id
+
+
+# ----------------------------------------------------------------------------- forward passes
+def test_clip_text_pads_to_77_and_encodes(zoo, cfg):
+    tokenizer, model = loading.load_clip_text(zoo["clip_text"])
+    # no max_length: the tokenizer's own model_max_length must be CLIP's 77
+    captions = [CAPTION, "Cleo sits down."]
+    batch = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+    assert batch.input_ids.shape == (2, 77)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    with torch.no_grad():
+        hidden = model(input_ids=batch.input_ids).last_hidden_state
+    assert hidden.shape == (2, 77, cfg.zoo.clip_hidden_size)
+
+
+def test_clip_text_loads_from_the_stable_diffusion_layout(zoo, tmp_path):
+    """SD-1.5 keeps the tokenizer in a sibling of text_encoder/."""
+    encoder, tokenizer_dir = tmp_path / "text_encoder", tmp_path / "tokenizer"
+    shutil.copytree(zoo["clip_text"], encoder, ignore=shutil.ignore_patterns("tokenizer*"))
+    weights = shutil.ignore_patterns("config.json", "model*")
+    shutil.copytree(zoo["clip_text"], tokenizer_dir, ignore=weights)
+    tokenizer, _ = loading.load_clip_text(encoder)
+    assert tokenizer(CAPTION, padding="max_length")["input_ids"][-1] == tokenizer.pad_token_id
+
+
+def test_clip_vision_embeds_an_image(zoo, cfg):
+    processor, model = loading.load_clip_vision(zoo["clip_vision"])
+    pixels = processor(images=[np.zeros((100, 80, 3), np.uint8)], return_tensors="pt").pixel_values
+    size = cfg.zoo.vision_image_size
+    assert pixels.shape == (1, 3, size, size)
+    with torch.no_grad():
+        assert model(pixel_values=pixels).image_embeds.shape == (1, cfg.zoo.clip_projection_dim)
+
+
+def test_vae_and_unet_denoise_a_latent(zoo, cfg):
+    vae, unet = loading.load_vae(zoo["vae"]), loading.load_unet(zoo["unet"])
+    resolution = cfg.char_ldm.resolution
+    latent_size = resolution // 2 ** (len(cfg.zoo.vae_block_out_channels) - 1)
+    with torch.no_grad():
+        images = torch.randn(2, 3, resolution, resolution)
+        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+        assert latents.shape == (2, cfg.zoo.vae_latent_channels, latent_size, latent_size)
+        text = torch.randn(2, 77, cfg.zoo.clip_hidden_size)
+        noise = unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+    assert noise.shape == latents.shape
+    assert vae.config.scaling_factor == pytest.approx(0.18215)
+
+
+def test_unet_has_cross_attention_in_every_supervised_block(zoo, cfg):
+    names = [name for name, _ in loading.load_unet(zoo["unet"]).named_modules()]
+    for block in cfg.char_ldm.lreg_blocks:
+        assert any(n.startswith(block + ".") and n.endswith(".attn2") for n in names), block
+
+
+def test_loaders_honour_dtype(zoo):
+    assert loading.load_unet(zoo["unet"], dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert next(loading.load_sam(zoo["sam"], dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
+def test_scheduler_is_sd15_ddpm_even_from_a_pndm_config(zoo, tmp_path):
+    from diffusers import PNDMScheduler
+
+    assert loading.load_scheduler(zoo["scheduler"]).config.beta_end == SD15_SCHEDULE["beta_end"]
+    # what SD-1.5's scheduler/ directory holds
+    pndm = {k: v for k, v in SD15_SCHEDULE.items() if k != "clip_sample"}
+    PNDMScheduler(**pndm, skip_prk_steps=True).save_pretrained(tmp_path)
+    scheduler = loading.load_scheduler(tmp_path)
+    assert type(scheduler).__name__ == "DDPMScheduler"
+    assert scheduler.config.num_train_timesteps == 1000
+    assert scheduler.config.beta_schedule == "scaled_linear"
+
+
+@pytest.mark.parametrize("part", ["opt", "llama"])
+def test_lm_generates(zoo, part):
+    tokenizer, model = loading.load_lm(zoo[part])
+    prompt = tokenizer(CAPTION, return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    assert out.shape == (1, prompt.input_ids.shape[1] + 3)
+
+
+def test_sam_predictor_masks_two_boxes(zoo):
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(loading.load_sam(zoo["sam"]))
+    predictor.set_image(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    boxes = torch.tensor([[8.0, 8, 60, 60], [40, 30, 120, 110]])  # x0, y0, x1, y1 in image pixels
+    boxes = predictor.transform.apply_boxes_torch(boxes, (128, 128))
+    masks, scores, _ = predictor.predict_torch(
+        point_coords=None, point_labels=None, boxes=boxes, multimask_output=False
+    )
+    assert masks.shape == (2, 1, 128, 128) and masks.dtype == torch.bool
+    assert scores.shape == (2, 1)
+
+
+def test_sam_loads_an_official_checkpoint_by_its_file_name(zoo, tmp_path, monkeypatch):
+    """A real ViT-B is ~370 MB; stand a tiny SAM in for the registry's vit_b builder."""
+    from segment_anything import sam_model_registry
+
+    arch = SamArchitecture.read(zoo["sam"])
+    monkeypatch.setitem(sam_model_registry, "vit_b", lambda checkpoint=None: build_sam(arch))
+    torch.manual_seed(1)
+    source = build_sam(arch)
+    torch.save(source.state_dict(), tmp_path / "sam_vit_b_01ec64.pth")
+    loaded = loading.load_sam(tmp_path).state_dict()
+    for name, expected in source.state_dict().items():
+        assert torch.equal(loaded[name], expected), name
+    torch.save({}, tmp_path / "sam_vit_h_4b8939.pth")
+    with pytest.raises(ValueError, match="exactly one"):
+        loading.load_sam(tmp_path)
+
+
+def test_super_resolution_upscales_4x(zoo):
+    pipe = loading.load_super_resolution(zoo["super_resolution"])
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(Image.new("RGB", (32, 32), (200, 40, 40)), num_inference_steps=2).images[0]
+    assert image.size == (128, 128)
+    batch = pipe(torch.rand(2, 3, 32, 32) * 2 - 1, num_inference_steps=2, output_type="pt").images
+    assert batch.shape == (2, 3, 128, 128)
+
+
+# ----------------------------------------------------------------------------- errors
+LOADERS = [
+    loading.load_clip_text,
+    loading.load_clip_vision,
+    loading.load_vae,
+    loading.load_unet,
+    loading.load_scheduler,
+    loading.load_lm,
+    loading.load_sam,
+    loading.load_super_resolution,
+]
+
+
+@pytest.mark.parametrize("load", LOADERS, ids=lambda f: f.__name__)
+def test_missing_directory_is_named(load, tmp_path):
+    missing = tmp_path / "no-such-weights"
+    with pytest.raises(FileNotFoundError, match="no-such-weights"):
+        load(missing)
+
+
+@pytest.mark.parametrize(
+    "load, part, error",
+    [
+        (loading.load_unet, "vae", ValueError),
+        (loading.load_vae, "unet", ValueError),
+        (loading.load_lm, "clip_text", ValueError),
+        (loading.load_clip_text, "opt", ValueError),
+        (loading.load_clip_vision, "clip_text", ValueError),
+        (loading.load_scheduler, "unet", FileNotFoundError),
+        (loading.load_super_resolution, "unet", FileNotFoundError),
+        (loading.load_sam, "vae", ValueError),
+    ],
+    ids=lambda v: getattr(v, "__name__", v),
+)
+def test_wrong_part_is_refused_naming_the_directory(zoo, load, part, error):
+    with pytest.raises(error, match=re.escape(str(zoo[part]))):
+        load(zoo[part])
+
+
+def test_sam_directory_with_neither_format_says_what_it_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"sam_vit_\{b,l,h\}_\*\.pth"):
+        loading.load_sam(tmp_path)
