@@ -1,8 +1,9 @@
 """storygpt demo: the quickstart pipeline on a preset (default: tiny).
 
-Today it runs the stages that exist: render the story world, build the tiny model zoo, and
-summarise the dataset the way the training jobs will read it. Each later stage (preprocess,
-train Char-LDM, precompute, train aligner, evaluate, serve) is added here as it lands.
+Today it runs the stages that exist: render the story world, build the tiny model zoo,
+summarise the dataset the way the training jobs will read it, and preprocess it into records
+on a local Ray. Each later stage (train Char-LDM, precompute, train aligner, evaluate, serve)
+is added here as it lands.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def run(args) -> int:
     if cfg.data.world is None or cfg.zoo is None:
         raise ConfigError("demo: needs a preset with data.world and zoo (configs/tiny.yaml)")
     started = time.perf_counter()
-    steps = [("story world", _world), ("tiny model zoo", _zoo), ("dataset summary", _summary)]
+    steps = [("story world", _world), ("tiny model zoo", _zoo), ("dataset summary", _summary),
+             ("preprocess (Ray Data)", _preprocess)]
     results = {}
     for i, (name, step) in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {name} ...", flush=True)
@@ -38,7 +40,8 @@ def run(args) -> int:
     root = results["story world"]["root"]
     print(f"  dataset:  {root}  (inspect: storygpt data show --referential --root {root})")
     print(f"  models:   {results['tiny model zoo']['zoo']}")
-    print("  not yet in the demo: preprocess, train Char-LDM, precompute, train aligner, evaluate, serve")
+    print(f"  records:  {results['preprocess (Ray Data)']['output']}  (manifest.json, records/, errors/)")
+    print("  not yet in the demo: train Char-LDM, precompute, train aligner, evaluate, serve")
     return 0
 
 
@@ -83,3 +86,10 @@ def _summary(cfg: StoryConfig) -> dict:
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.work_dir) / "dataset_summary.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def _preprocess(cfg: StoryConfig) -> dict:
+    from preprocessing.job import preprocess
+
+    manifest = preprocess(cfg)
+    return {"output": manifest["output"], **manifest["counts"], "seconds": manifest["timings"]["total_s"]}

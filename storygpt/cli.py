@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("storygpt.commands.world", "render the procedural story world (FlintstonesSV layout)"),
     "zoo": ("storygpt.commands.zoo", "build the tiny random models and save them to a model dir"),
     "data": ("storygpt.commands.data", "inspect a dataset: `storygpt data show ...`"),
+    "preprocess": ("preprocessing.job", "Ray Data: frames -> super-resolution -> masks -> Parquet records"),
     "demo": ("ray_jobs.demo", "run the quickstart pipeline on the configured preset"),
 }
 

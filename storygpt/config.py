@@ -102,6 +102,47 @@ class TinyZooConfig(Section):
     sr_vq_channels: list[int]
 
 
+# ----------------------------------------------------------------------------- preprocessing
+class ActorPoolConfig(Section):
+    """An autoscaling Ray Data actor pool."""
+
+    min_actors: int = Field(ge=1)
+    max_actors: int = Field(ge=1)
+    num_cpus: float = Field(gt=0)
+    num_gpus: float = Field(ge=0)
+    batch_size: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ActorPoolConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
+        return self
+
+
+class SuperResolutionStageConfig(Section):
+    backend: Literal["ldm", "resize"] = Field(description="ldm: models.super_resolution; resize: Lanczos")
+    steps: int = Field(ge=1, description="denoising steps of the LDM upscaler")
+    pool: ActorPoolConfig
+
+
+class MaskStageConfig(Section):
+    backend: Literal["sam", "box"] = Field(description="sam: models.sam prompted with boxes; box: mask = box")
+    prefer_dataset_masks: bool = Field(description="use masks the dataset ships (world, StoryGPT-V layout)")
+    pool: ActorPoolConfig
+
+
+class PreprocessConfig(Section):
+    """Frames -> records at ``char_ldm.resolution`` (DESIGN §4)."""
+
+    splits: list[Literal["train", "val", "test"]] = Field(min_length=1)
+    output: str = Field(description="records dir; '{work_dir}' is substituted")
+    rows_per_file: int = Field(ge=1, description="frames per Parquet file (the unit of resume)")
+    task_num_cpus: float = Field(gt=0, description="CPUs of a load/validate or write task")
+    torch_threads: int = Field(ge=1, description="intra-op threads per actor")
+    super_resolution: SuperResolutionStageConfig
+    masks: MaskStageConfig
+
+
 # ----------------------------------------------------------------------------- stage 1
 class CharLDMConfig(Section):
     resolution: int
@@ -174,6 +215,7 @@ class StoryConfig(Section):
     data: DataConfig
     models: ModelPaths
     zoo: TinyZooConfig | None = None
+    preprocess: PreprocessConfig
     char_ldm: CharLDMConfig
     aligner: AlignerConfig
     train: TrainConfig

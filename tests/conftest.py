@@ -28,3 +28,32 @@ def world_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     generate_world(root, stories=24, seed=3, image_size=128, clip_frames=2, val_fraction=0.25, test_fraction=0.25)
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session, its state in a short temp dir (socket paths are limited)."""
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_work(tmp_path_factory) -> Path:
+    """A work dir with the tiny zoo and a small story world, as `storygpt demo` lays it out."""
+    from storygpt.commands.zoo import build_zoo_quietly
+    from storygpt.config import load_config
+
+    work = tmp_path_factory.mktemp("work")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"work_dir={work}"])
+    build_zoo_quietly(cfg, work / "zoo")
+    from storygpt.world.generate import generate_world
+
+    generate_world(work / "world", stories=10, seed=5, image_size=128, clip_frames=2,
+                   val_fraction=0.2, test_fraction=0.2)
+    return work

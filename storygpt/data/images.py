@@ -47,4 +47,5 @@ def load_masks(src: MaskSource) -> np.ndarray:
     seg = np.asarray(arr[src.clip_frame] if src.kind == "segment_map_clip" else arr)
     if seg.ndim != 2:
         raise DatasetError(src.path, None, f"expected a (H, W) segment map, got {seg.shape}")
-    return np.stack([seg == sid if sid is not None else np.zeros(seg.shape, bool) for sid in src.segment_ids])
+    masks = [seg == sid if sid is not None else np.zeros(seg.shape, bool) for sid in src.segment_ids]
+    return np.stack(masks) if masks else np.zeros((0, *seg.shape), bool)

@@ -45,6 +45,7 @@ class Frame:
     masks: MaskSource | None = None
     referential_caption: str | None = None
     captions: list[str] = field(default_factory=list)  # every caption the source has
+    unknown_characters: list[str] = field(default_factory=list)  # labels not in the table
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,16 +34,21 @@ OFFICIAL_SAM_CHECKPOINT = re.compile(r"sam_(vit_[bhl])_\w*\.pth")  # e.g. sam_vi
 TOKENIZER_FILE = "tokenizer_config.json"
 
 
-def load_clip_text(
-    directory: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedTokenizerBase, CLIPTextModel]:
-    """(tokenizer, CLIPTextModel). The tokenizer is in the same directory, or in the sibling
-    ``tokenizer/`` of a diffusers Stable Diffusion layout (``.../text_encoder``)."""
+def load_clip_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    """The CLIP tokenizer of a text-encoder directory: in it, or in the sibling ``tokenizer/``
+    of a diffusers Stable Diffusion layout (``.../text_encoder``). Loads no weights."""
     path = _checked(directory, "CLIP text encoder", kinds={"clip_text_model", "clip"})
     tokenizer_dir = path if (path / TOKENIZER_FILE).is_file() else path.parent / "tokenizer"
     _require_file(tokenizer_dir, TOKENIZER_FILE, "CLIP tokenizer", also_tried=path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    return tokenizer, CLIPTextModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def load_clip_text(
+    directory: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedTokenizerBase, CLIPTextModel]:
+    """(tokenizer, CLIPTextModel); the tokenizer as :func:`load_clip_tokenizer` finds it."""
+    tokenizer = load_clip_tokenizer(directory)
+    return tokenizer, CLIPTextModel.from_pretrained(directory, dtype=dtype, local_files_only=True)
 
 
 def load_clip_vision(

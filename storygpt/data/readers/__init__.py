@@ -18,6 +18,9 @@ class ReadOptions:
     box_source_size: tuple[int, int] | None = None
     on_error: str = "raise"
     limit: int | None = None  # stop after this many stories
+    # False: leave image files unchecked here; preprocessing checks each frame where it loads it,
+    # so one bad frame becomes one error row instead of costing its whole story.
+    check_files: bool = True
 
 
 def read_stories(

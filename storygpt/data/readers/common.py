@@ -71,18 +71,27 @@ def clip_problem(path: Path, clip_frame: int, size: int | None = None) -> str | 
     return None
 
 
-def scale_box(box: list[float], source: tuple[int, int] | None, frame_size: int) -> Box:
+def scale_box(box: list[float], source: tuple[int, int] | None, frame_size: int | None) -> Box:
     x0, y0, x1, y1 = (float(v) for v in box)
-    if source is not None:
+    if source is not None and frame_size is not None:
         sx, sy = frame_size / source[0], frame_size / source[1]
         x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
     return (x0, y0, x1, y1)
 
 
-def resolve_character(label: str, table: CharacterTable, report: ReadReport) -> str | None:
-    """The table name for an annotation label; unknown labels are counted, not kept."""
+def resolve_character(label: str, table: CharacterTable, report: ReadReport, unknown: list[str]) -> str | None:
+    """The table name for an annotation label; an unknown label is counted and kept aside."""
     char = table.get(label)
     if char is None:
         report.unknown_characters[label] = report.unknown_characters.get(label, 0) + 1
+        unknown.append(label)
         return None
     return char.name
+
+
+def frame_size(path: Path) -> int | None:
+    """Side of the stored frames of a clip, or None when the file cannot tell."""
+    try:
+        return npy_clip_shape(path)[-2]
+    except (ValueError, OSError):
+        return None

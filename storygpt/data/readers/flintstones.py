@@ -17,7 +17,7 @@ from storygpt.data.errors import Problems
 from storygpt.data.images import npy_clip_shape
 from storygpt.data.readers import ReadOptions
 from storygpt.data.readers.common import (
-    clip_problem, read_json, read_pickle, resolve_character, scale_box, split_ids,
+    clip_problem, frame_size, read_json, read_pickle, resolve_character, scale_box, split_ids,
 )
 from storygpt.data.records import Frame, ImageSource, MaskSource, ReadReport, Story
 
@@ -65,12 +65,12 @@ class _Reader:
         if fid not in self.in_split:
             return self.problem(SPLIT, fid, f"frame of story {story_id} is not in the '{self.opt.split}' split")
         npy = self.root / "video_frames_sampled" / f"{fid}.npy"
-        if (why := clip_problem(npy, self.opt.clip_frame)) is not None:
+        if self.opt.check_files and (why := clip_problem(npy, self.opt.clip_frame)) is not None:
             return self.problem(str(npy), fid, why)
-        size = npy_clip_shape(npy)[-2]
-        names, boxes, segment_ids = [], [], []
+        size = frame_size(npy)
+        names, boxes, segment_ids, unknown = [], [], [], []
         for k, char in enumerate(ann.get("characters") or []):
-            name = resolve_character(str(char.get("entityLabel", "")), self.table, self.report)
+            name = resolve_character(str(char.get("entityLabel", "")), self.table, self.report, unknown)
             if name is None:
                 continue
             raw = _box(char, self.opt.clip_frame)
@@ -81,15 +81,16 @@ class _Reader:
             segment_ids.append(k + 1)
         masks = None
         mask_file = self.root / "masks" / f"{fid}.npy"
-        if mask_file.is_file():
+        if mask_file.is_file() and self.opt.check_files:
             shape = npy_clip_shape(mask_file)
             if len(shape) != 3 or self.opt.clip_frame >= shape[0] or shape[1:] != (size, size):
                 return self.problem(str(mask_file), fid, f"expected (T, {size}, {size}) segment maps, got {shape}")
+        if mask_file.is_file():
             masks = MaskSource("segment_map_clip", str(mask_file), self.opt.clip_frame, tuple(segment_ids))
         caption = str(ann.get("description", "")).strip()
         return Frame(
             id=fid, story_id=story_id, index=index, caption=caption, characters=names, boxes=boxes,
-            setting=ann.get("setting"), captions=[caption], masks=masks,
+            setting=ann.get("setting"), captions=[caption], masks=masks, unknown_characters=unknown,
             image=ImageSource("npy_clip", str(npy), self.opt.clip_frame),
         )
 

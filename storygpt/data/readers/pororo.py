@@ -67,15 +67,8 @@ def _frame(root, rel, story_id, index, descriptions, labels, table, opt, problem
         return problem("descriptions.npy", fid, f"frame of story {story_id} has no description")
     if fid not in labels:
         return problem("labels.npy", fid, f"frame of story {story_id} has no label vector")
-    if not png.is_file():
-        return problem(str(png), fid, "frame file is missing")
-    try:
-        with Image.open(png) as img:
-            w, h = img.size
-    except OSError as err:
-        return problem(str(png), fid, f"unreadable PNG: {err}")
-    if h % w or opt.clip_frame >= h // w:
-        return problem(str(png), fid, f"expected a vertical strip of square frames with > {opt.clip_frame} frames, got {w}x{h}")
+    if opt.check_files and (why := _strip_problem(png, opt.clip_frame)) is not None:
+        return problem(str(png), fid, why)
     try:
         names = table.from_multi_hot(np.asarray(labels[fid]).reshape(-1))
     except ValueError as err:
@@ -88,3 +81,16 @@ def _frame(root, rel, story_id, index, descriptions, labels, table, opt, problem
         boxes=[None] * len(names), setting=None, captions=captions,
         image=ImageSource("png_strip", str(png), opt.clip_frame),
     )
+
+
+def _strip_problem(png: Path, clip_frame: int) -> str | None:
+    if not png.is_file():
+        return "frame file is missing"
+    try:
+        with Image.open(png) as img:
+            w, h = img.size
+    except OSError as err:
+        return f"unreadable PNG: {err}"
+    if h % w or clip_frame >= h // w:
+        return f"expected a vertical strip of square frames with > {clip_frame} frames, got {w}x{h}"
+    return None

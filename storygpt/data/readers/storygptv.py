@@ -46,7 +46,7 @@ def read(root: Path, table: CharacterTable, opt: ReadOptions) -> tuple[list[Stor
                 problem(ANNOTATIONS, fid, f"frame of story {key} has no annotation")
                 break
             npy = root / "video_frames_sampled_4x" / f"{fid}.npy"
-            if (why := clip_problem(npy, opt.clip_frame)) is not None:
+            if opt.check_files and (why := clip_problem(npy, opt.clip_frame)) is not None:
                 problem(str(npy), fid, why)
                 break
             frames.append(_frame(root, fid, key, index, info, npy, backgrounds.get(fid), table, opt, report))
@@ -60,12 +60,15 @@ def read(root: Path, table: CharacterTable, opt: ReadOptions) -> tuple[list[Stor
 
 
 def _frame(root, fid, story_id, index, info, npy, background, table, opt, report) -> Frame:
-    shape = npy_clip_shape(npy)
-    size = shape[-2]
+    try:
+        shape = npy_clip_shape(npy)
+    except (ValueError, OSError):
+        shape = (1,)  # unreadable: the load stage reports it
+    size = shape[-2] if len(shape) > 1 else None
     captions = [info["caption"]] if "caption" in info else list(info.get("captions") or [""])
-    names, boxes, segment_ids = [], [], []
+    names, boxes, segment_ids, unknown = [], [], [], []
     for seg in sorted(info.get("segments") or [], key=lambda s: s.get("end", 0)):
-        name = resolve_character(str(seg.get("word", "")), table, report)
+        name = resolve_character(str(seg.get("word", "")), table, report, unknown)
         if name is None:
             continue
         names.append(name)
@@ -78,6 +81,7 @@ def _frame(root, fid, story_id, index, info, npy, background, table, opt, report
     return Frame(
         id=fid, story_id=story_id, index=index, caption=_caption_for_clip_frame(captions, opt.clip_frame, n_clip),
         characters=names, boxes=boxes, setting=_setting(background), captions=captions, masks=masks,
+        unknown_characters=unknown,
         image=ImageSource("npy_clip", str(npy), opt.clip_frame),
     )
 

@@ -1,0 +1,1 @@
+"""Performance harness: `python -m benchmarks.NAME [--quick]`, last line one JSON object."""

@@ -1,0 +1,135 @@
+"""storygpt preprocess --config C --input DIR --format F --output DIR
+
+Reads the dataset's stories on the driver (metadata only), then streams every frame of the
+configured splits through the Ray Data pipeline. Resumable: a re-run on the same output skips
+what is done. Submit to a cluster with ``ray job submit`` (README, "Preprocess").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from storygpt.commands import add_config_arguments
+from storygpt.config import ConfigError, StoryConfig, load_config
+
+FINGERPRINT_KEYS = ("data.", "preprocess.super_resolution.", "preprocess.masks.backend", "char_ldm.resolution")
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--input", help="dataset dir (default: data.root)")
+    p.add_argument("--format", choices=["flintstones", "storygptv", "pororo"], help="default: data.format")
+    p.add_argument("--output", help="records dir (default: preprocess.output)")
+
+
+def run(args) -> int:
+    overrides = list(args.overrides)
+    overrides += [f"data.root={args.input}"] if args.input else []
+    overrides += [f"data.format={args.format}"] if args.format else []
+    overrides += [f"preprocess.output={args.output}"] if args.output else []
+    cfg = load_config(args.config, overrides)
+    manifest = preprocess(cfg)
+    c = manifest["counts"]
+    print(f"preprocess: {c['frames_in']} frames in, {c['records_out']} records out, {c['errors']} errors "
+          f"({c['frames_dropped']} frames dropped), {manifest['timings']['total_s']:.1f}s "
+          f"({c['frames_already_done']} frames already done) -> {manifest['output']}")
+    return 0
+
+
+def preprocess(cfg: StoryConfig) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from preprocessing.pipeline import build
+    from preprocessing.writer import atomic_write_bytes, resume_state
+    from storygpt.data import prepare
+    from storygpt.data.characters import get_table
+    from storygpt.data.record_schema import ERRORS, read_table
+    from storygpt.data.readers import ReadOptions, read_stories
+
+    started = time.perf_counter()
+    output = cfg.path(cfg.preprocess.output)
+    _check_same_config(cfg, output)
+    cfg.require_dir("models.clip_text", "the CLIP tokenizer finds the names' token spans")
+    if cfg.preprocess.super_resolution.backend == "ldm":
+        cfg.require_dir("models.super_resolution", "preprocess.super_resolution.backend is 'ldm'")
+    if cfg.preprocess.masks.backend == "sam":
+        cfg.require_dir("models.sam", "preprocess.masks.backend is 'sam'")
+    table = get_table(cfg.data.dataset)
+    rows, read_errors = [], []
+    for split in cfg.preprocess.splits:
+        options = ReadOptions(split, cfg.data.frames_per_story, cfg.data.clip_frame, cfg.data.box_source_size,
+                              on_error="skip", check_files=False)
+        stories, report = read_stories(cfg.data.format, cfg.path(cfg.data.root), table, options)
+        rows += [prepare.frame_row(f, split) for s in stories for f in s.frames]
+        read_errors += [{"id": s.id, "story_id": s.id, "stage": "read", "reason": f"{s.file}: {s.reason}",
+                         "dropped": "story"} for s in report.skipped]
+    (output / "errors").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(read_errors, ERRORS), output / "errors" / "read.parquet")
+    done, earlier = resume_state(output)
+    todo = [r for r in rows if r["id"] not in done]
+    read_s = time.perf_counter() - started
+    if todo:
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local instance
+        parts = build(todo, cfg, str(output)).take_all()
+    else:
+        parts = []
+    total = earlier + parts
+    counts = {
+        "frames_in": len(rows),
+        "frames_already_done": len(rows) - len(todo),
+        "records_out": sum(p["records"] for p in total),
+        "frames_dropped": sum(p["dropped"] for p in total),
+        "stories_skipped_by_reader": len(read_errors),
+        "mask_encoder_runs": sum(p["mask_encoder_runs"] for p in total),
+        "boxes_masked": sum(p["boxes_masked"] for p in total),
+        "parts": len(total),
+    }
+    counts["errors"] = read_table(output, "errors", columns=["id"]).num_rows  # read.parquet included
+    manifest = {
+        "output": str(output),
+        "input": str(cfg.path(cfg.data.root)),
+        "format": cfg.data.format,
+        "counts": counts,
+        "timings": {"read_s": round(read_s, 2), "pipeline_s": round(time.perf_counter() - started - read_s, 2),
+                    "total_s": round(time.perf_counter() - started, 2)},
+        "config": cfg.flat(),
+        "versions": _versions(),
+    }
+    atomic_write_bytes(output / "manifest.json", json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def _check_same_config(cfg: StoryConfig, output: Path) -> None:
+    """A re-run may only resume an output written with the same data and stage settings."""
+    fingerprint = {k: v for k, v in cfg.flat().items() if k.startswith(FINGERPRINT_KEYS)}
+    path = output / "preprocess_config.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+        if changed:
+            raise ConfigError(f"preprocess.output: '{output}' holds records made with other settings "
+                              f"({', '.join(changed)}); choose a new --output to keep both")
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fingerprint, indent=1))
+
+
+def _versions() -> dict:
+    import diffusers
+    import ray
+    import segment_anything  # noqa: F401
+    import torch
+    import transformers
+
+    import storygpt
+
+    return {"storygpt": storygpt.__version__, "ray": ray.__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "host": os.uname().nodename}

@@ -1,0 +1,69 @@
+"""The pipeline's stages as Ray Data callables. Each converts a pyarrow batch to rows, calls
+the library step from ``storygpt.data.prepare`` and converts back; no model math here."""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from storygpt.data import prepare
+from storygpt.data.characters import get_table
+from storygpt.models.loading import load_clip_tokenizer
+from storygpt.vision.masks import BoxMasker
+from storygpt.vision.super_resolution import SuperResolver
+
+ROW_SCHEMA = pa.schema([("id", pa.string()), ("meta", pa.string()), ("image", pa.binary()), ("masks", pa.binary())])
+
+
+def _rows(batch: pa.Table) -> list[dict]:
+    return batch.to_pylist()
+
+
+def _batch(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, ROW_SCHEMA)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(clip_text_dir: str):
+    return load_clip_tokenizer(clip_text_dir)  # once per worker process
+
+
+def load_and_validate(batch: pa.Table, dataset: str, clip_text_dir: str, dataset_masks: bool) -> pa.Table:
+    table, tokenizer = get_table(dataset), _tokenizer(clip_text_dir)
+    return _batch([prepare.load_and_validate(r, table, tokenizer, dataset_masks) for r in _rows(batch)])
+
+
+def _device(num_gpus: float) -> str:
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class SuperResolve:
+    def __init__(self, backend: str, out_size: int, model_dir: str, steps: int, threads: int, num_gpus: float):
+        torch.set_num_threads(threads)
+        self.resolver = SuperResolver(backend, out_size, model_dir, steps, device=_device(num_gpus))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _batch(prepare.super_resolve(_rows(batch), self.resolver))
+
+
+class Mask:
+    def __init__(self, backend: str, sam_dir: str, threads: int, num_gpus: float):
+        torch.set_num_threads(threads)
+        self.masker = BoxMasker(backend, sam_dir, device=_device(num_gpus))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _batch([prepare.add_masks(r, self.masker) for r in _rows(batch)])
+
+
+def write(batch: pa.Table, output: str) -> pa.Table:
+    """Write one part (records + errors + marker) atomically; return its stats as one row."""
+    from preprocessing.writer import write_part
+
+    rows = _rows(batch)
+    records, errors, stats = prepare.to_tables(rows)
+    name = write_part(Path(output), [r["id"] for r in rows], records, errors, stats)
+    return pa.Table.from_pylist([{"part": name, **stats, "finished_at": time.time()}])

@@ -1,0 +1,1 @@
+"""Frame-level vision models used by preprocessing: super-resolution and masks from boxes."""
