@@ -1,0 +1,39 @@
+"""`make bench`: run every benchmark module, collect each one's last-line JSON into
+benchmarks/results/<date>-<host>.json. Pass --quick through for a short run."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NOT_BENCHMARKS = {"__init__", "common", "run_all"}
+
+
+def main() -> int:
+    quick = ["--quick"] if "--quick" in sys.argv else []
+    results, failed = {}, []
+    for module in sorted(p.stem for p in HERE.glob("*.py") if p.stem not in NOT_BENCHMARKS):
+        print(f"== benchmarks.{module}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *quick],
+                              cwd=HERE.parent, capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        try:
+            results[module] = json.loads(lines[-1])
+            print(lines[-1], flush=True)
+        except (IndexError, json.JSONDecodeError):
+            failed.append(module)
+            print(proc.stderr[-2000:], file=sys.stderr)
+    out = HERE / "results" / f"{datetime.date.today()}-{platform.node()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
