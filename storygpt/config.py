@@ -153,13 +153,17 @@ class CharLDMConfig(Section):
     p_unconditional: float = Field(ge=0, le=1)
     p_text_only: float = Field(ge=0, le=1)
     learning_rate: float = Field(gt=0)
-    batch_size: int = Field(gt=0)
+    warmup_steps: int = Field(ge=0, description="linear LR warm-up, then constant")
+    weight_decay: float = Field(ge=0)
+    batch_size: int = Field(gt=0, description="global batch (all workers, before accumulation)")
     max_steps: int = Field(gt=0)
     mixed_precision: Literal["no", "bf16"]
     prediction_type: Literal["epsilon"]
     sample_steps: int = Field(gt=0)
     guidance_scale: float = Field(ge=1)
     sampler: Literal["ddim", "pndm"]
+    log_every: int = Field(ge=1, description="steps between metric logs")
+    sample_every: int = Field(ge=1, description="steps between sample grids + attention maps")
 
     @model_validator(mode="after")
     def _schedule_sums_to_at_most_one(self) -> "CharLDMConfig":
