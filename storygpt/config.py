@@ -195,7 +195,7 @@ class TrainConfig(Section):
     num_workers: int = Field(ge=1)
     use_gpu: bool
     zero_stage: Literal[2, 3]
-    deepspeed_config: str
+    deepspeed_config: str = Field(description="DeepSpeed JSON; '{stage}' is replaced by zero_stage")
     gradient_accumulation_steps: int = Field(ge=1)
     checkpoint_every: int = Field(ge=1)
     max_failures: int = Field(ge=-1)
@@ -239,6 +239,23 @@ class StoryConfig(Section):
             extra = f" ({hint})" if hint else ""
             raise ConfigError(f"{dotted}: expected an existing directory, got '{path}'{extra}")
         return path
+
+    def resolved(self) -> "StoryConfig":
+        """The same config with ``{work_dir}`` substituted and every path absolute, for processes
+        whose working directory differs (Ray workers, `ray job submit`)."""
+        base = Path(self.work_dir).resolve()
+        absolute = lambda v: str(Path(v.replace("{work_dir}", str(base))).resolve())  # noqa: E731
+        data = self.model_dump()
+        data["work_dir"] = str(base)
+        data["data"]["root"] = absolute(self.data.root)
+        data["models"] = {k: absolute(v) for k, v in data["models"].items()}
+        data["preprocess"]["output"] = absolute(self.preprocess.output)
+        data["train"]["storage_path"] = absolute(self.train.storage_path)
+        data["train"]["deepspeed_config"] = absolute(self.deepspeed_config_path())
+        return StoryConfig.model_validate(data)
+
+    def deepspeed_config_path(self) -> str:
+        return self.train.deepspeed_config.replace("{stage}", str(self.train.zero_stage))
 
     def flat(self) -> dict[str, Any]:
         """Flattened dotted view (MLflow params, manifests)."""

@@ -100,3 +100,12 @@ def test_deepspeed_configs(presets, stage):
     ds = json.loads((presets / "deepspeed" / f"zero{stage}.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_micro_batch_size_per_gpu"] == "auto"  # filled from the preset by the job
+
+
+def test_resolved_paths_are_absolute_and_pick_the_zero_stage(presets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(presets / "tiny.yaml", ["work_dir=wd", "train.zero_stage=3"]).resolved()
+    assert cfg.work_dir == str(tmp_path / "wd")
+    assert cfg.models.unet == str(tmp_path / "wd" / "zoo" / "unet")
+    assert cfg.train.deepspeed_config == str(tmp_path / "configs" / "deepspeed" / "zero3.json")
+    assert cfg.preprocess.output == str(tmp_path / "wd" / "records")
