@@ -1,0 +1,79 @@
+"""The Char-LDM's conditioning: frozen CLIP text states, CLIP image embeddings of the
+characters, fused by :class:`~storygpt.char_ldm.fuser.CharacterFuser` at the name tokens.
+
+One call builds any mix of the three conditionings the training schedule draws per sample:
+unconditional (the empty caption), text-only (plain CLIP states) and fused.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+from storygpt.char_ldm.fuser import CharacterFuser
+
+
+class Conditioning(IntEnum):
+    UNCONDITIONAL = 0
+    TEXT = 1
+    FUSED = 2
+
+
+def sample_conditioning(
+    batch: int, p_unconditional: float, p_text_only: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(batch,) long Conditioning per sample: p_unconditional / p_text_only / the rest fused."""
+    u = torch.rand(batch, generator=generator, device=generator.device if generator is not None else None)
+    mode = torch.full((batch,), int(Conditioning.FUSED), device=u.device)
+    mode[u < p_unconditional + p_text_only] = Conditioning.TEXT
+    mode[u < p_unconditional] = Conditioning.UNCONDITIONAL
+    return mode
+
+
+def train_last_vision_layers(vision: CLIPVisionModelWithProjection, layers: int) -> None:
+    """Freeze the vision tower except its last ``layers`` encoder layers, the post-LayerNorm and
+    the projection (the official recipe trains 2 of ViT-L/14's 24)."""
+    encoder = vision.vision_model.encoder.layers
+    if layers > len(encoder):
+        raise ValueError(f"trainable_vision_layers={layers}, but the vision tower has {len(encoder)} layers")
+    vision.requires_grad_(False)
+    trainable = [*encoder[len(encoder) - layers:], vision.vision_model.post_layernorm, vision.visual_projection]
+    for module in trainable:
+        module.requires_grad_(True)
+
+
+def character_embeddings(
+    vision: CLIPVisionModelWithProjection, pixel_values: torch.Tensor, which: torch.Tensor
+) -> torch.Tensor:
+    """φ(I_k): (B, K, 3, H, W) → (B, K, d_vision), encoding only the ``which`` (B, K) slots
+    (padding and unfused characters stay zero and cost nothing)."""
+    batch, chars = which.shape
+    if not which.any():
+        return torch.zeros(batch, chars, vision.config.projection_dim, device=pixel_values.device, dtype=vision.dtype)
+    embeds = vision(pixel_values[which].to(vision.dtype)).image_embeds  # its dtype follows any autocast
+    return embeds.new_zeros(batch, chars, embeds.shape[-1]).index_put(which.nonzero(as_tuple=True), embeds)
+
+
+def encode_prompts(
+    text_encoder: CLIPTextModel,
+    vision: CLIPVisionModelWithProjection,
+    fuser: CharacterFuser,
+    input_ids: torch.Tensor,  # (B, 77)
+    empty_ids: torch.Tensor,  # (77,): the empty caption, for unconditional samples
+    mode: torch.Tensor,  # (B,) Conditioning
+    char_pixel_values: torch.Tensor | None = None,  # (B, K, 3, H, W)
+    char_token_idx: torch.Tensor | None = None,  # (B, K) long
+    char_valid: torch.Tensor | None = None,  # (B, K) bool
+) -> torch.Tensor:
+    """(B, 77, d_text) conditioning; fused only where ``mode`` is FUSED and a character is valid."""
+    unconditional = (mode == Conditioning.UNCONDITIONAL)[:, None]
+    ids = torch.where(unconditional, empty_ids.to(input_ids.device), input_ids)
+    with torch.no_grad():  # the text encoder is frozen (paper §4, D.3)
+        states = text_encoder(ids).last_hidden_state
+    if char_pixel_values is None:
+        return states
+    fuse = char_valid & (mode == Conditioning.FUSED)[:, None]
+    embeds = character_embeddings(vision, char_pixel_values, fuse)
+    return fuser(states, embeds, char_token_idx, fuse)

@@ -1,0 +1,180 @@
+"""Sampling from a Char-LDM: captions (+ reference images of the named characters), or a ready
+(B, 77, d) conditioning such as the aligner's, → frames.
+
+Classifier-free guidance against the empty caption, DDIM or PNDM built from the training noise
+schedule; the same seed gives the same frames. :meth:`CharLDMPipeline.attention_maps` shows where
+each character's token attends (the paper's Fig. 5) for logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, PNDMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from storygpt.char_ldm.attention import character_attention
+from storygpt.char_ldm.data import tokenize
+from storygpt.char_ldm.encoders import Conditioning
+from storygpt.char_ldm.model import CharLDM
+from storygpt.config import StoryConfig
+from storygpt.data.characters import CharacterTable, get_table
+from storygpt.data.tokens import name_token_spans
+
+SAMPLERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler}
+HEAT_COLOUR = np.array([255, 0, 0], dtype=np.float32)
+
+
+class CharLDMPipeline:
+    def __init__(self, model: CharLDM, cfg: StoryConfig, table: CharacterTable | None = None):
+        self.model = model
+        self.cfg = cfg.char_ldm
+        self.table = table or get_table(cfg.data.dataset)  # names → token spans in captions
+
+    @classmethod
+    def from_config(
+        cls, cfg: StoryConfig, trained_dir: str | Path | None = None, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> CharLDMPipeline:
+        return cls(CharLDM.from_config(cfg, trained_dir, dtype).to(device).eval(), cfg)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        captions: list[str],
+        characters: list[list[str]] | None = None,
+        reference_images: dict[str, np.ndarray] | None = None,
+        table: CharacterTable | None = None,
+    ) -> torch.Tensor:
+        """(B, 77, d): each caption's CLIP states, fused at the names that have a reference image
+        (the fused embedding c of the paper; stage 2 regresses onto it)."""
+        model, table = self.model, table or self.table
+        ids = tokenize(model.tokenizer, captions).to(model.device)
+        inputs = self._character_inputs(captions, characters or [[] for _ in captions],
+                                        reference_images or {}, table)
+        mode = torch.full((len(captions),), int(Conditioning.FUSED), device=model.device)
+        return model.encode_prompts(ids, mode, *inputs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        captions: list[str] | None = None,
+        characters: list[list[str]] | None = None,
+        reference_images: dict[str, np.ndarray] | None = None,
+        conditioning: torch.Tensor | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        table: CharacterTable | None = None,
+    ) -> list[np.ndarray]:
+        """One (R, R, 3) uint8 frame per caption (or per row of ``conditioning``)."""
+        if conditioning is None:
+            if captions is None:
+                raise ValueError("give captions or a conditioning")
+            conditioning = self.encode(captions, characters, reference_images, table)
+        return self._sample(conditioning, steps, guidance_scale, seed)
+
+    @torch.no_grad()
+    def attention_maps(
+        self,
+        caption: str,
+        characters: list[str],
+        reference_images: dict[str, np.ndarray] | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        table: CharacterTable | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(frame, {name: the frame with that name token's cross-attention as a red heat map}),
+        averaged over the supervised layers and all steps; names absent from the caption are left out."""
+        table = table or self.table
+        spans = name_token_spans(self.model.tokenizer, caption, characters, table)
+        named = [(name, span[1] - 1) for name, span in zip(characters, spans) if span is not None]
+        size = self.cfg.resolution
+        heat = torch.zeros(len(named), size, size, device=self.model.device)
+        if named:
+            token_idx = torch.tensor([[i for _, i in named]], device=self.model.device)
+
+            def accumulate(maps: dict[str, torch.Tensor], unet_batch: int) -> None:
+                for probs in maps.values():
+                    attn = character_attention(probs, token_idx.expand(unet_batch, -1))
+                    # the last sample is the conditional one ([unconditional, conditional] under guidance)
+                    heat.add_(F.interpolate(attn[-1:].float(), size=(size, size), mode="bilinear")[0])
+
+        conditioning = self.encode([caption], [characters], reference_images, table)
+        frame = self._sample(conditioning, steps, guidance_scale, seed, accumulate if named else None)[0]
+        out = {}
+        for (name, _), h in zip(named, heat):
+            alpha = (0.6 * h / h.max().clamp_min(1e-12)).cpu().numpy()[..., None]
+            out[name] = (frame * (1 - alpha) + HEAT_COLOUR * alpha).round().astype(np.uint8)
+        return frame, out
+
+    # ------------------------------------------------------------------------- internals
+    def _character_inputs(
+        self, captions: list[str], characters: list[list[str]], references: dict[str, np.ndarray],
+        table: CharacterTable,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(char_pixel_values, char_token_idx, char_valid) for the named characters with a reference."""
+        chars, device = self.cfg.max_characters, self.model.device
+        crop = self.model.image_processor.crop_size
+        pixels = torch.zeros(len(captions), chars, 3, crop["height"], crop["width"])
+        token_idx = torch.zeros(len(captions), chars, dtype=torch.long)
+        valid = torch.zeros(len(captions), chars, dtype=torch.bool)
+        encoded = {}
+        if references:
+            names = sorted(references)
+            processed = self.model.image_processor(images=[references[n] for n in names], return_tensors="pt")
+            encoded = dict(zip(names, processed.pixel_values))
+        for b, (caption, names) in enumerate(zip(captions, characters)):
+            spans = name_token_spans(self.model.tokenizer, caption, names, table)
+            slots = [(n, s) for n, s in zip(names, spans) if s is not None and n in encoded][:chars]
+            for k, (name, span) in enumerate(slots):
+                pixels[b, k], token_idx[b, k], valid[b, k] = encoded[name], span[1] - 1, True
+        return pixels.to(device), token_idx.to(device), valid.to(device)
+
+    def _sample(
+        self,
+        conditioning: torch.Tensor,
+        steps: int | None,
+        guidance_scale: float | None,
+        seed: int,
+        on_step: Callable[[dict[str, torch.Tensor], int], None] | None = None,
+    ) -> list[np.ndarray]:
+        model, device = self.model, self.model.device
+        steps = steps or self.cfg.sample_steps
+        guidance = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        batch = len(conditioning)
+        conditioning = conditioning.to(device, model.unet.dtype)
+        if guidance > 1:
+            empty = model.empty_ids.expand(batch, -1)
+            mode = torch.full((batch,), int(Conditioning.UNCONDITIONAL), device=device)
+            unconditional = model.encode_prompts(empty, mode)
+            conditioning = torch.cat([unconditional.to(conditioning.dtype), conditioning])
+        sampler = SAMPLERS[self.cfg.sampler].from_config(model.noise_scheduler.config)
+        sampler.set_timesteps(steps, device=device)
+        latent_size = self.cfg.resolution // 2 ** (len(model.vae.config.block_out_channels) - 1)
+        shape = (batch, model.unet.config.in_channels, latent_size, latent_size)
+        generator = torch.Generator("cpu").manual_seed(seed)  # CPU: the same frames on any device
+        # the sampler's state in fp32 whatever the UNet's dtype: small steps add up over the loop
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents * sampler.init_noise_sigma
+        bf16 = self.cfg.mixed_precision == "bf16" and device.type == "cuda"
+        for t in sampler.timesteps:
+            x = torch.cat([latents] * 2) if guidance > 1 else latents
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
+                    model.attention.capturing(on_step is not None) as store:
+                x = sampler.scale_model_input(x, t).to(conditioning.dtype)
+                eps = model.unet(x, t, conditioning).sample.float()
+                if on_step is not None:
+                    on_step(store.maps, len(x))
+            if guidance > 1:
+                uncond, cond = eps.chunk(2)
+                eps = uncond + guidance * (cond - uncond)
+            latents = sampler.step(eps, t, latents).prev_sample
+        images = model.vae.decode(latents.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return list(images.permute(0, 2, 3, 1).cpu().numpy())

@@ -1,0 +1,386 @@
+"""Char-LDM (stage 1) library: fuser, attention capture, L_reg, batches, the training step,
+save/load and the sampling pipeline, on the tiny zoo and a few story-world records. No Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+
+from storygpt.char_ldm.attention import CrossAttentionCapture, install_attention_store, remove_attention_store
+from storygpt.char_ldm.data import character_image, collate, square_window
+from storygpt.char_ldm.encoders import Conditioning
+from storygpt.char_ldm.fuser import CharacterFuser
+from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
+from storygpt.char_ldm.model import CharLDM
+from storygpt.char_ldm.pipeline import CharLDMPipeline
+from storygpt.char_ldm.training import warmup_lambda
+from storygpt.config import load_config
+from storygpt.data.record_schema import decode_png
+from storygpt.models.loading import load_unet
+
+torch.set_num_threads(2)
+
+# latent 32x32 (64 px, VAE x2): SD-1.5 layout halves per down block, so the supervised blocks
+# see 16x16, 8x8, 4x4 (mid), 8x8, 16x16; down_blocks.0 and up_blocks.3 (32x32) are not supervised
+SUPERVISED_PIXELS = {"down_blocks.1": 256, "down_blocks.2": 64, "mid_block": 16, "up_blocks.1": 64,
+                     "up_blocks.2": 256}
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cfg(repo, tmp_path_factory):
+    from storygpt.commands.zoo import build_zoo_quietly
+    from storygpt.world.generate import generate_world
+
+    work = tmp_path_factory.mktemp("char_ldm")
+    cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={work}"])
+    build_zoo_quietly(cfg, work / "zoo")
+    generate_world(work / "world", stories=2, seed=0, val_fraction=0, test_fraction=0)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def records(cfg) -> list[dict]:
+    """The world's frames through the preprocessing steps, in a loop instead of Ray Data."""
+    from storygpt.data import prepare
+    from storygpt.data.characters import get_table
+    from storygpt.data.readers import ReadOptions, read_stories
+    from storygpt.models.loading import load_clip_tokenizer
+    from storygpt.vision.masks import BoxMasker
+    from storygpt.vision.super_resolution import SuperResolver
+
+    table = get_table("world")
+    stories, _ = read_stories("flintstones", cfg.path(cfg.data.root), table, ReadOptions("train"))
+    tokenizer = load_clip_tokenizer(cfg.path(cfg.models.clip_text))
+    rows = [prepare.load_and_validate(prepare.frame_row(f, "train"), table, tokenizer)
+            for s in stories for f in s.frames]
+    rows = prepare.super_resolve(rows, SuperResolver("resize", cfg.char_ldm.resolution))
+    rows = [prepare.add_masks(r, BoxMasker("box")) for r in rows]
+    return prepare.to_tables(rows)[0].to_pylist()
+
+
+@pytest.fixture(scope="module")
+def model(cfg) -> CharLDM:
+    torch.manual_seed(0)
+    return CharLDM.from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def batch(model, records, cfg):
+    return collate(records[:2], model, cfg.char_ldm, torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def references(cfg) -> dict[str, np.ndarray]:
+    root = cfg.path(cfg.data.root) / "reference_images"
+    return {p.stem: np.array(Image.open(p).convert("RGB")) for p in root.glob("*.png")}
+
+
+def _conditioning_seen_by_unet(model, batch, seed=0) -> torch.Tensor:
+    seen = []
+    hook = model.unet.register_forward_pre_hook(lambda _, args: seen.append(args[2].detach()))
+    try:
+        model(batch, torch.Generator().manual_seed(seed))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+# ----------------------------------------------------------------------------- fuser
+def test_fuser_changes_only_the_character_tokens():
+    torch.manual_seed(0)
+    fuser = CharacterFuser(text_dim=16, vision_dim=8)
+    text = torch.randn(2, 77, 16)
+    idx = torch.tensor([[3, 5, 0], [7, 0, 0]])
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    out = fuser(text, torch.randn(2, 3, 8), idx, valid)
+    assert out.shape == (2, 77, 16)
+    changed = (out != text).any(-1)
+    expected = torch.zeros(2, 77, dtype=torch.bool)
+    expected[0, [3, 5]] = expected[1, 7] = True
+    assert torch.equal(changed, expected)
+    assert torch.equal(fuser(text, torch.randn(2, 3, 8), idx, torch.zeros_like(valid)), text)
+
+
+# ----------------------------------------------------------------------------- attention capture
+def test_only_the_supervised_cross_attention_layers_capture(model, batch, cfg):
+    processors = model.unet.attn_processors
+    capturing = {k for k, p in processors.items() if isinstance(p, CrossAttentionCapture)}
+    assert capturing == {k for k in processors if ".attn2." in k
+                         and any(k.startswith(b + ".") for b in cfg.char_ldm.lreg_blocks)}
+    assert all(isinstance(p, AttnProcessor2_0) for k, p in processors.items() if k not in capturing)
+
+    latents = torch.randn(2, 4, 32, 32)
+    text = torch.randn(2, 77, 64)
+    with torch.no_grad(), model.attention.capturing() as store:
+        captured = model.unet(latents, 10, text).sample
+        maps = dict(store.maps)
+    with torch.no_grad():
+        plain = model.unet(latents, 10, text).sample  # capture off: SDPA, the same maths
+    torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-5)
+    heads = 8
+    assert {name: tuple(p.shape) for name, p in maps.items()} == {
+        name: (2 * heads, SUPERVISED_PIXELS[name.split(".attentions")[0]], 77)
+        for name in (k.removesuffix(".processor") for k in capturing)}
+    assert not store.maps and not store.capture  # dropped and switched off on exit
+
+
+def test_removing_the_store_leaves_sdpa_everywhere(cfg):
+    unet = load_unet(cfg.path(cfg.models.unet))
+    install_attention_store(unet, cfg.char_ldm.lreg_blocks)
+    remove_attention_store(unet)
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    with pytest.raises(ValueError, match="down_blocks.3"):  # SD-1.5's lowest block has no attn2
+        install_attention_store(unet, ["down_blocks.3"])
+
+
+# ----------------------------------------------------------------------------- L_reg
+def _maps(attention_on_token: torch.Tensor, heads: int = 2, token: int = 1) -> dict[str, torch.Tensor]:
+    """(B, K=1, h, w) attention on ``token`` → captured (B·heads, h·w, 77) probabilities."""
+    batch = attention_on_token.shape[0]
+    probs = torch.zeros(batch, heads, attention_on_token[0, 0].numel(), 77)
+    probs[..., token] = attention_on_token.flatten(1)[:, None, :]
+    probs[..., 0] = 1 - probs[..., token]  # each pixel's attention sums to 1
+    return {"layer": probs.flatten(0, 1)}
+
+
+def test_lreg_is_lower_when_the_attention_is_inside_the_mask():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    idx = torch.tensor([[1]])
+    supervised = torch.tensor([[True]])
+    inside = lreg_loss(*mask_attention(_maps(mask), idx, mask), supervised)
+    outside = lreg_loss(*mask_attention(_maps(1 - mask), idx, mask), supervised)
+    assert inside.item() == pytest.approx(-1.0) and outside.item() == pytest.approx(1.0)
+
+
+def test_lreg_exact_value_and_unsupervised_characters_are_skipped():
+    # frame 0: a 2x2 map, character 0 masked on the top-left pixel with attention
+    # [0.4, 0.2 | 0.2, 0.2] → A+ = 0.4, A- = 0.2, L = -0.2; character 1 has no mask: skipped.
+    # frame 1 has nothing supervised: it does not dilute the mean.
+    attn = torch.tensor([[0.4, 0.2], [0.2, 0.2]])
+    probs = torch.zeros(2, 2, 4, 77)  # (B, heads, h·w, L)
+    probs[0, :, :, 1] = attn.flatten()
+    probs[0, :, :, 2] = 0.5  # character 1's token: would give a loss if it were counted
+    probs[1, :, :, 1] = 0.9
+    masks = torch.zeros(2, 2, 2, 2)
+    masks[0, 0, 0, 0] = 1
+    masks[1, 0] = 1
+    idx = torch.tensor([[1, 2], [1, 2]])
+    supervised = torch.tensor([[True, False], [False, False]])
+    inside, outside = mask_attention({"layer": probs.flatten(0, 1)}, idx, masks)
+    assert lreg_loss(inside, outside, supervised).item() == pytest.approx(-0.2)
+    assert attention_in_mask_ratio(inside, outside, supervised).item() == pytest.approx(2.0)
+    none = torch.zeros_like(supervised)
+    assert lreg_loss(inside, outside, none).item() == 0.0
+    assert attention_in_mask_ratio(inside, outside, none).isnan()
+
+
+def test_lreg_gradient_reaches_the_supervised_cross_attention_only(model, batch):
+    model.zero_grad(set_to_none=True)
+    text = model.encode_prompts(batch["input_ids"], torch.full((2,), int(Conditioning.TEXT)))
+    with model.attention.capturing() as store:
+        model.unet(torch.randn(2, 4, 32, 32), 500, text)
+        maps = store.maps
+    supervised = batch["char_valid"] & batch["has_mask"]
+    assert supervised.any()
+    lreg_loss(*mask_attention(maps, batch["char_token_idx"], batch["char_masks"]), supervised).backward()
+    attn2 = {n.removesuffix(".attn2"): m for n, m in model.unet.named_modules() if n.endswith(".attn2")}
+    for name in ("down_blocks.1.attentions.0.transformer_blocks.0", "mid_block.attentions.0.transformer_blocks.0"):
+        assert attn2[name].to_q.weight.grad.abs().sum() > 0
+        assert attn2[name].to_k.weight.grad.abs().sum() > 0
+    # up_blocks.3 (32x32) runs after every supervised block: L_reg cannot reach it
+    last = attn2["up_blocks.3.attentions.1.transformer_blocks.0"]
+    assert last.to_q.weight.grad is None and last.to_k.weight.grad is None
+    model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- data
+def test_collate_shapes_masks_and_noised_character_crops(model, records, cfg):
+    rows = records[:3]
+    out = collate(rows, model, cfg.char_ldm, torch.Generator().manual_seed(0))
+    k, r = cfg.char_ldm.max_characters, cfg.char_ldm.resolution
+    pixels = out["pixel_values"]
+    assert pixels.shape == (3, 3, r, r) and -1 <= pixels.min() < pixels.max() <= 1
+    assert out["input_ids"].shape == (3, 77)
+    assert out["char_pixel_values"].shape == (3, k, 3, 64, 64) and out["char_masks"].shape == (3, k, r, r)
+    for b, row in enumerate(rows):
+        n = len(row["characters"])
+        named_with_box = [s is not None and x is not None for s, x in zip(row["token_spans"], row["boxes"])]
+        assert out["char_valid"][b].tolist() == named_with_box + [False] * (k - n)
+        for i, span in enumerate(row["token_spans"]):
+            if span is not None:
+                assert out["char_token_idx"][b, i] == span[1] - 1
+        assert out["has_mask"][b, :n].all() and not out["has_mask"][b, n:].any()
+        assert (out["char_pixel_values"][b, n:] == 0).all()
+        assert torch.equal(out["char_masks"][b, 0].bool(), torch.from_numpy(decode_png(row["masks"][0])))
+    # the crop keeps the character's pixels and replaces the rest by noise
+    image, box, mask = next((decode_png(r["image"]), box, decode_png(m)) for r in records
+                            for box, m in zip(r["boxes"], r["masks"])
+                            if not decode_png(m)[int(box[1]):int(box[3]), int(box[0]):int(box[2])].all())
+    crop = character_image(image, box, mask, torch.Generator().manual_seed(1))
+    top, left, side = square_window(box, image.shape[0])
+    keep = mask[top:top + side, left:left + side]
+    assert crop.shape == (side, side, 3) and keep.any() and not keep.all()
+    assert (crop[keep] == image[top:top + side, left:left + side][keep]).all()
+    assert (crop[~keep] != image[top:top + side, left:left + side][~keep]).any()
+    fewer = collate(rows, model, cfg.char_ldm.model_copy(update={"max_characters": 1}))
+    assert fewer["char_valid"].shape == (3, 1)
+
+
+def test_square_window_stays_in_the_image():
+    assert square_window([10, 20, 20, 40], 64) == (20, 5, 20)
+    assert square_window([0, 0, 60, 8], 64) == (0, 0, 60)
+    assert square_window([50, 50, 64, 64], 64) == (50, 50, 14)
+
+
+# ----------------------------------------------------------------------------- training step
+def test_conditioning_schedule(model, batch, cfg):
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        empty = model.text_encoder(model.empty_ids[None]).last_hidden_state
+        plain = model.text_encoder(ids).last_hidden_state
+    base = cfg.char_ldm
+    try:
+        model.config = base.model_copy(update={"p_unconditional": 1.0, "p_text_only": 0.0})
+        torch.testing.assert_close(_conditioning_seen_by_unet(model, batch), empty.expand(2, -1, -1))
+        model.config = base.model_copy(update={"p_unconditional": 0.0, "p_text_only": 1.0})
+        torch.testing.assert_close(_conditioning_seen_by_unet(model, batch), plain)
+        model.config = base.model_copy(update={"p_unconditional": 0.0, "p_text_only": 0.0})
+        fused = _conditioning_seen_by_unet(model, batch)
+    finally:
+        model.config = base
+    changed = (fused != plain).any(-1)
+    expected = torch.zeros_like(changed)
+    for b, k in batch["char_valid"].nonzero().tolist():
+        expected[b, batch["char_token_idx"][b, k]] = True
+    assert expected.any() and torch.equal(changed, expected)
+
+
+def test_training_step_reports_its_losses(model, batch):
+    out = model(batch, torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "noise_loss", "lreg", "attn_in_mask_ratio"}
+    assert all(v.ndim == 0 for v in out.values())
+    assert out["lreg"] != 0 and out["attn_in_mask_ratio"] > 0
+    assert out["loss"].item() == pytest.approx(out["noise_loss"].item() + 1e-3 * out["lreg"].item(), rel=1e-6)
+    model.supervise_attention = False
+    try:
+        off = model(batch, torch.Generator().manual_seed(0))
+    finally:
+        model.supervise_attention = True
+    assert off["lreg"] == 0 and off["attn_in_mask_ratio"].isnan()
+    assert off["noise_loss"].item() == pytest.approx(out["noise_loss"].item(), rel=1e-4)
+
+
+def test_frozen_and_trainable_parts(model, cfg):
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert not any(id(p) in trainable for p in [*model.vae.parameters(), *model.text_encoder.parameters()])
+    assert all(id(p) in trainable for p in [*model.unet.parameters(), *model.fuser.parameters()])
+    layers = model.vision.vision_model.encoder.layers
+    n = cfg.char_ldm.trainable_vision_layers
+    assert all(p.requires_grad for layer in layers[len(layers) - n:] for p in layer.parameters())
+    assert not any(p.requires_grad for layer in layers[:len(layers) - n] for p in layer.parameters())
+    assert model.vision.visual_projection.weight.requires_grad
+    assert not model.vision.vision_model.embeddings.patch_embedding.weight.requires_grad
+
+
+def test_warmup_is_linear_then_constant():
+    factor = warmup_lambda(4)
+    assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_lambda(0)(0) == 1.0
+
+
+@pytest.mark.slow
+def test_a_few_adamw_steps_lower_the_loss(cfg, records):
+    torch.manual_seed(0)
+    model = CharLDM.from_config(cfg).train()
+    batch = collate(records[:2], model, cfg.char_ldm, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(3))
+    losses = []
+    for _ in range(30):
+        out = model(batch, torch.Generator().manual_seed(0))  # the same noise: a deterministic fit
+        out["loss"].backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out["loss"].item())
+    assert out["lreg"] != 0  # L_reg was part of every step
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+@pytest.mark.slow
+def test_lreg_pulls_the_character_tokens_attention_into_the_masks(cfg, records):
+    torch.manual_seed(0)
+    model = CharLDM.from_config(cfg).train()
+    model.config = cfg.char_ldm.model_copy(update={"lreg_weight": 1.0})  # let L_reg dominate
+    batch = collate(records[:2], model, cfg.char_ldm, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    ratios = []
+    for _ in range(8):
+        out = model(batch, torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ratios.append(out["attn_in_mask_ratio"].item())
+    assert ratios[0] < 1.1 and ratios[-1] > 1.5 * ratios[0]
+
+
+# ----------------------------------------------------------------------------- save / load
+@pytest.mark.slow
+def test_saved_trained_parts_load_back_exactly(cfg, model, tmp_path):
+    torch.manual_seed(1)
+    with torch.no_grad():  # move every trained part away from its initial weights
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_trained(tmp_path / "trained")
+    assert {p.name for p in (tmp_path / "trained").iterdir()} == {"unet", "fuser", "vision"}
+    loaded = CharLDM.from_config(cfg, trained_dir=tmp_path / "trained")
+    for part in ("unet", "fuser", "vision", "vae", "text_encoder"):
+        mine, theirs = getattr(model, part).state_dict(), getattr(loaded, part).state_dict()
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), part
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        CharLDM.from_config(cfg, trained_dir=tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- pipeline
+@pytest.mark.slow
+def test_pipeline_is_seeded_and_takes_captions_or_a_conditioning(cfg, model, references):
+    pipe = CharLDMPipeline(model.eval(), cfg)
+    captions = ["Ada and Bruno are at the beach.", "Gus sits down."]
+    names = [["Ada", "Bruno"], ["Gus"]]
+    first = pipe(captions, names, references, steps=3, seed=1)
+    again = pipe(captions, names, references, steps=3, seed=1)
+    other = pipe(captions, names, references, steps=3, seed=2)
+    r = cfg.char_ldm.resolution
+    assert [f.shape for f in first] == [(r, r, 3)] * 2 and first[0].dtype == np.uint8
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other[0])
+
+    fused = pipe.encode(captions, names, references)
+    assert fused.shape == (2, 77, 64)
+    assert not torch.equal(fused, pipe.encode(captions))  # without references: text only
+    from_conditioning = pipe(conditioning=fused, steps=3, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, from_conditioning))
+
+    frame, maps = pipe.attention_maps(captions[0], ["Ada", "Bruno", "Gus"], references, steps=2)
+    assert frame.shape == (r, r, 3) and set(maps) == {"Ada", "Bruno"}  # Gus is not in the caption
+    assert all(m.shape == (r, r, 3) and m.dtype == np.uint8 for m in maps.values())
+    model.train()
+
+
+@pytest.mark.slow
+def test_logging_images(cfg, model, records):
+    from storygpt.char_ldm.logging_images import attention_figure, sample_grid
+
+    r = cfg.char_ldm.resolution
+    model.train()
+    grid = sample_grid(model, records[:3], cfg)
+    figure = attention_figure(model, records[:3], cfg)
+    assert grid.shape == (2 * r, 3 * r, 3) and grid.dtype == np.uint8
+    assert figure.shape[0] == r and figure.shape[1] % r == 0 and figure.shape[1] > r
+    assert model.training  # the training loop's mode comes back
