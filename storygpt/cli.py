@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("storygpt.commands.zoo", "build the tiny random models and save them to a model dir"),
     "data": ("storygpt.commands.data", "inspect a dataset: `storygpt data show ...`"),
     "preprocess": ("preprocessing.job", "Ray Data: frames -> super-resolution -> masks -> Parquet records"),
+    "train-ldm": ("ray_jobs.train_ldm", "stage 1: train the Char-LDM on Ray Train + DeepSpeed, tracked in MLflow"),
     "demo": ("ray_jobs.demo", "run the quickstart pipeline on the configured preset"),
 }
 

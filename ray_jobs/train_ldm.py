@@ -1,0 +1,182 @@
+"""storygpt train-ldm: stage 1, the Char-LDM, on Ray Train + DeepSpeed ZeRO, tracked in MLflow.
+
+A recipe in the torchtune sense: setup -> train -> save_checkpoint -> export. The training
+step itself (fuser, L_reg, conditioning schedule) is ``storygpt.char_ldm``; this file only
+places it on Ray workers inside a DeepSpeed engine. Resume: re-run with ``--resume``
+(the latest run) or ``--resume NAME``; a worker restarted by Ray resumes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from storygpt.commands import add_config_arguments
+from storygpt.config import ConfigError, StoryConfig, load_config
+
+RUN_PREFIX = "char_ldm"
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--records", help="preprocessed records dir (default: preprocess.output)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue the latest run (or RUN) from its last checkpoint")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides).resolved()
+    summary = fit(cfg, args.records, args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False) -> dict:
+    """Driver side: datasets, trainer, fit. Returns a summary of the finished run."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ray_jobs.runtime import run_name
+
+    records_dir = Path(records or cfg.preprocess.output) / "records"
+    if not any(records_dir.glob("*.parquet")):
+        raise ConfigError(f"--records: no Parquet records in '{records_dir}' (run `storygpt preprocess` first)")
+    cfg.require_dir("models.unet")
+    if not ray.is_initialized():
+        ray.init()
+    storage = Path(cfg.train.storage_path)
+    name = run_name(storage, RUN_PREFIX, resume)
+    train = ray.data.read_parquet(str(records_dir)).filter(lambda row: row["split"] == "train")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_name": name},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+        ),
+        datasets={"train": train},
+    )
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    return {"run": name, "checkpoint": result.checkpoint.path if result.checkpoint else None, **metrics}
+
+
+# ----------------------------------------------------------------------------- on each worker
+def train_loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from ray_jobs.runtime import deepspeed_config, full_parameters, load_checkpoint, optimizer_digest, save_checkpoint
+    from ray_jobs.tracking import Tracker
+    from storygpt.char_ldm.data import collate
+    from storygpt.char_ldm.model import CharLDM
+    from storygpt.char_ldm.training import warmup_lambda
+
+    # --- setup
+    cfg = StoryConfig.model_validate(config["cfg"])
+    ldm, train = cfg.char_ldm, cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = CharLDM.from_config(cfg)
+    ds_config = deepspeed_config(cfg, ldm.batch_size, world, train.use_gpu, ldm.mixed_precision == "bf16")
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=ldm.learning_rate, weight_decay=ldm.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(ldm.warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+    state = load_checkpoint(engine)
+    step = engine.global_steps
+    if state:  # prove the optimizer came back as it was saved
+        if abs(optimizer_digest(optimizer) - state["optimizer_digests"][rank]) > 1e-6 * max(1.0, abs(state["optimizer_digests"][rank])):
+            raise RuntimeError(f"rank {rank}: optimizer state differs from the checkpoint at step {state['global_step']}")
+    tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
+    generator = torch.Generator().manual_seed(cfg.seed * 10_007 + rank * 101 + step)  # resumes draw new noise
+    shard = ray.train.get_dataset_shard("train")
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    device = engine.device
+
+    # --- train
+    window = _new_window()
+    last = {}
+    while step < ldm.max_steps:
+        for rows in shard.iter_batches(batch_size=micro, batch_format="pyarrow", drop_last=True):
+            batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), model, ldm, generator).items()}
+            out = engine(batch, generator)
+            engine.backward(out["loss"])
+            engine.step()
+            _accumulate(window, out)
+            if engine.global_steps == step:
+                continue  # mid gradient accumulation: no optimizer step yet
+            step = engine.global_steps
+            if step % ldm.log_every == 0 or step == ldm.max_steps:
+                last = _window_metrics(window, micro * world, scheduler.get_last_lr()[0], dist)
+                tracker.log(last, step)
+            if step % ldm.sample_every == 0:
+                with full_parameters(engine.module, train.zero_stage):
+                    if rank == 0:
+                        _log_samples(tracker, engine.module, rows.to_pylist(), cfg, step)
+            if step % train.checkpoint_every == 0 or step == ldm.max_steps:
+                digests = [None] * world
+                dist.all_gather_object(digests, optimizer_digest(optimizer))
+                checkpoint = save_checkpoint(engine, step, {"mlflow_run_id": tracker.run_id, "optimizer_digests": digests})
+                report = {**last, "global_step": step, "resumed_from_step": state.get("global_step", 0)}
+                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
+                tracker.commit()
+            if step >= ldm.max_steps:
+                break
+
+    # --- export (every rank gathers under ZeRO-3; rank 0 writes and logs)
+    export = Path(cfg.work_dir) / "char_ldm" / config["run_name"]
+    with full_parameters(engine.module, train.zero_stage):
+        if rank == 0:
+            engine.module.save_trained(export)
+            tracker.artifacts(export, "char_ldm")
+            tracker.register("char_ldm", f"{cfg.mlflow.experiment}-char-ldm")
+    tracker.end()
+
+
+METRICS = ("loss", "noise_loss", "lreg", "attn_in_mask_ratio")
+
+
+def _new_window() -> dict:
+    return {**{k: 0.0 for k in METRICS}, **{f"{k}_n": 0 for k in METRICS}, "steps": 0, "t": time.perf_counter()}
+
+
+def _accumulate(window: dict, out: dict) -> None:
+    """Sum each metric over the steps that measured it: attn_in_mask_ratio is NaN on a step
+    with no supervised character (no masks, or all unconditional), and such steps are skipped."""
+    import math
+
+    for key in METRICS:
+        value = float(out[key])
+        if not math.isnan(value):
+            window[key] += value
+            window[f"{key}_n"] += 1
+    window["steps"] += 1
+
+
+def _window_metrics(window: dict, samples_per_step: int, lr: float, dist) -> dict:
+    """Means over the steps since the last log, over all ranks; reset the window."""
+    import torch
+
+    sums = torch.tensor([[window[k], window[f"{k}_n"]] for k in METRICS], dtype=torch.float64)
+    dist.all_reduce(sums)
+    metrics = {k: (s / n if n else float("nan")) for k, (s, n) in zip(METRICS, sums.tolist())}
+    elapsed = time.perf_counter() - window["t"]
+    metrics.update(lr=lr, samples_per_s=samples_per_step * window["steps"] / max(elapsed, 1e-9))
+    window.update(_new_window())
+    return metrics
+
+
+def _log_samples(tracker, model, rows: list[dict], cfg: StoryConfig, step: int) -> None:
+    """A sample grid for the batch's captions and the characters' cross-attention maps (Fig. 5)."""
+    from storygpt.char_ldm.logging_images import attention_figure, sample_grid
+
+    tracker.image(sample_grid(model, rows, cfg), f"samples/step_{step:07d}.png")
+    tracker.image(attention_figure(model, rows, cfg), f"attention/step_{step:07d}.png")
