@@ -193,6 +193,7 @@ class AlignerConfig(Section):
 # ----------------------------------------------------------------------------- systems
 class TrainConfig(Section):
     num_workers: int = Field(ge=1)
+    cpus_per_worker: float = Field(gt=0, description="leave CPUs for the Ray Data tasks that feed them")
     use_gpu: bool
     zero_stage: Literal[2, 3]
     deepspeed_config: str = Field(description="DeepSpeed JSON; '{stage}' is replaced by zero_stage")

@@ -1,5 +1,6 @@
-# NOT COLLECTED YET (file name): the ZeRO-2 run hung on the 2-core VM in session 1; see the issue-4 note.
-"""Stage 1 on a real local Ray: 2 workers, real DeepSpeed engines (ZeRO-2 and ZeRO-3), MLflow."""
+# NOT COLLECTED YET (file name). Session 1: the ZeRO-3 variant of the test in test_train_ldm.py
+# ran > 5 min without finishing (ZeRO-2: ~1 min) and was stopped; the kill/resume test was never run.
+"""Pending stage-1 tests on a real local Ray: 2 workers, real DeepSpeed engines (ZeRO-2 and ZeRO-3), MLflow."""
 
 import json
 import os
@@ -45,7 +46,7 @@ def _history(cfg, key):
     return client, run, sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])
 def test_two_workers_train_under_zero_and_track_in_mlflow(ray_local, records, tiny_work, repo, tmp_path, stage):
     from ray_jobs.train_ldm import fit
 
