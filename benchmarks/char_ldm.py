@@ -19,24 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.15
 
 
-def _records(cfg) -> list[dict]:
-    """The world's frames through the preprocessing steps in a loop (no Ray)."""
-    from storygpt.data import prepare
-    from storygpt.data.characters import get_table
-    from storygpt.data.readers import ReadOptions, read_stories
-    from storygpt.models.loading import load_clip_tokenizer
-    from storygpt.vision.masks import BoxMasker
-    from storygpt.vision.super_resolution import SuperResolver
-
-    table = get_table("world")
-    stories, _ = read_stories("flintstones", cfg.path(cfg.data.root), table, ReadOptions("train"))
-    tokenizer = load_clip_tokenizer(cfg.path(cfg.models.clip_text))
-    rows = [prepare.load_and_validate(prepare.frame_row(f, "train"), table, tokenizer)
-            for s in stories for f in s.frames]
-    rows = prepare.super_resolve(rows, SuperResolver("resize", cfg.char_ldm.resolution))
-    return prepare.to_tables([prepare.add_masks(r, BoxMasker("box")) for r in rows])[0].to_pylist()
-
-
 def _median_step_times(step, switch, warmup: int, steps: int, sync=lambda: None) -> dict[bool, float]:
     """Median seconds of ``step()`` with ``switch(True)`` and ``switch(False)``, interleaved."""
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -59,6 +41,7 @@ def cpu_figures(quick: bool) -> dict:
     from storygpt.char_ldm.model import CharLDM
     from storygpt.commands.zoo import build_zoo_quietly
     from storygpt.config import load_config
+    from storygpt.data.prepare import records_in_process
     from storygpt.world.generate import generate_world
 
     torch.set_num_threads(2)
@@ -69,7 +52,7 @@ def cpu_figures(quick: bool) -> dict:
     torch.manual_seed(0)
     model = CharLDM.from_config(cfg).train()
     batch_size = cfg.char_ldm.batch_size
-    batch = collate(_records(cfg)[:batch_size], model, cfg.char_ldm, torch.Generator().manual_seed(0))
+    batch = collate(records_in_process(cfg)[:batch_size], model, cfg.char_ldm, torch.Generator().manual_seed(0))
     # every sample fused: L_reg is never skipped for lack of a supervised character
     model.config = cfg.char_ldm.model_copy(update={"p_unconditional": 0.0, "p_text_only": 0.0})
 

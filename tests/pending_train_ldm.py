@@ -15,35 +15,7 @@ import pytest
 from storygpt.config import load_config
 
 pytestmark = pytest.mark.slow
-PARTS = ("clip_text", "clip_vision", "vae", "unet", "scheduler")
-
-
-@pytest.fixture(scope="module")
-def records(ray_local, tiny_work, repo, tmp_path_factory):
-    from preprocessing.job import preprocess
-
-    out = tmp_path_factory.mktemp("records")
-    preprocess(load_config(repo / "configs" / "tiny.yaml", [f"work_dir={tiny_work}", f"preprocess.output={out}"]))
-    return out
-
-
-def _overrides(tiny_work, work, **values):
-    """Models from the shared tiny zoo; runs, MLflow and exports in this test's own work dir."""
-    settings = {f"models.{p}": tiny_work / "zoo" / p for p in PARTS}
-    settings.update({"work_dir": work, "char_ldm.batch_size": 4, "char_ldm.learning_rate": 1e-3,
-                     "char_ldm.warmup_steps": 2, "char_ldm.log_every": 2, "train.checkpoint_every": 4})
-    settings.update({k.replace("__", "."): v for k, v in values.items()})
-    return [f"{k}={v}" for k, v in settings.items()]
-
-
-def _history(cfg, key):
-    import mlflow
-
-    from ray_jobs.tracking import tracking_uri
-
-    client = mlflow.MlflowClient(tracking_uri(cfg))
-    [run] = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
-    return client, run, sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+from test_train_ldm import _history, _overrides, records  # noqa: F401  (records is a fixture)
 
 
 @pytest.mark.parametrize("stage", [3])

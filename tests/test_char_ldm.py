@@ -45,21 +45,9 @@ def cfg(repo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def records(cfg) -> list[dict]:
     """The world's frames through the preprocessing steps, in a loop instead of Ray Data."""
-    from storygpt.data import prepare
-    from storygpt.data.characters import get_table
-    from storygpt.data.readers import ReadOptions, read_stories
-    from storygpt.models.loading import load_clip_tokenizer
-    from storygpt.vision.masks import BoxMasker
-    from storygpt.vision.super_resolution import SuperResolver
+    from storygpt.data.prepare import records_in_process
 
-    table = get_table("world")
-    stories, _ = read_stories("flintstones", cfg.path(cfg.data.root), table, ReadOptions("train"))
-    tokenizer = load_clip_tokenizer(cfg.path(cfg.models.clip_text))
-    rows = [prepare.load_and_validate(prepare.frame_row(f, "train"), table, tokenizer)
-            for s in stories for f in s.frames]
-    rows = prepare.super_resolve(rows, SuperResolver("resize", cfg.char_ldm.resolution))
-    rows = [prepare.add_masks(r, BoxMasker("box")) for r in rows]
-    return prepare.to_tables(rows)[0].to_pylist()
+    return records_in_process(cfg)
 
 
 @pytest.fixture(scope="module")

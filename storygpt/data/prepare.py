@@ -175,3 +175,24 @@ def to_tables(rows: list[dict]) -> tuple[pa.Table, pa.Table, dict]:
         stats["boxes_masked"] += len(meta.get("mask_from_boxes", []))
     stats["records"] = len(records)
     return pa.Table.from_pylist(records, RECORDS), pa.Table.from_pylist(errors, ERRORS), stats
+
+
+def records_in_process(cfg, split: str = "train") -> list[dict]:
+    """One split's record rows through these same steps in a plain loop, without Ray (tests,
+    benchmarks). Backends and sizes come from ``cfg`` as in the Ray pipeline."""
+    from storygpt.data.characters import get_table
+    from storygpt.data.readers import ReadOptions, read_stories
+    from storygpt.models.loading import load_clip_tokenizer
+
+    table = get_table(cfg.data.dataset)
+    options = ReadOptions(split, cfg.data.frames_per_story, cfg.data.clip_frame, cfg.data.box_source_size)
+    stories, _ = read_stories(cfg.data.format, cfg.path(cfg.data.root), table, options)
+    tokenizer = load_clip_tokenizer(cfg.path(cfg.models.clip_text))
+    pre = cfg.preprocess
+    rows = [load_and_validate(frame_row(f, split), table, tokenizer, pre.masks.prefer_dataset_masks)
+            for s in stories for f in s.frames]
+    resolver = SuperResolver(pre.super_resolution.backend, cfg.char_ldm.resolution,
+                             str(cfg.path(cfg.models.super_resolution)), pre.super_resolution.steps)
+    rows = super_resolve(rows, resolver)
+    masker = BoxMasker(pre.masks.backend, str(cfg.path(cfg.models.sam)))
+    return to_tables([add_masks(r, masker) for r in rows])[0].to_pylist()
