@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -83,9 +84,91 @@ def load_checkpoint(engine) -> dict:
 
 def optimizer_digest(optimizer) -> float:
     """A cheap fingerprint of this rank's optimizer state, to prove a resume restored it."""
+    base = getattr(optimizer, "optimizer", optimizer)  # a DeepSpeed ZeRO optimizer wraps the torch one
     total = 0.0
-    for state in optimizer.state_dict().get("state", {}).values():
+    for state in base.state.values():
         for value in state.values():
             if torch.is_tensor(value) and value.is_floating_point():
                 total += float(value.double().abs().sum())
     return total
+
+
+def verify_restored(engine, optimizer, state: dict, rank: int) -> dict:
+    """Prove a resume restored what the checkpoint saved: the exact global step and this rank's
+    optimizer state (by digest). Returns the figures for the run's report."""
+    step, saved = engine.global_steps, state["optimizer_digests"][rank]
+    if step != state["global_step"]:
+        raise RuntimeError(f"rank {rank}: resumed at step {step}, the checkpoint was taken at {state['global_step']}")
+    digest = optimizer_digest(optimizer)
+    if saved <= 0 or abs(digest - saved) > 1e-6 * saved:
+        raise RuntimeError(f"rank {rank}: optimizer state digest {digest} differs from the checkpoint's {saved}")
+    return {"restored_optimizer_digest": digest, "saved_optimizer_digest": saved}
+
+
+class MetricWindow:
+    """Means of a step's outputs since the last log, over all ranks.
+
+    Each key is summed over the steps that measured it: a NaN (e.g. the attention-in-mask ratio
+    of a step with no supervised character) is skipped, not averaged in. Counters (``add``,
+    e.g. samples or tokens) become per-second rates.
+    """
+
+    def __init__(self, keys: tuple[str, ...], counters: tuple[str, ...] = ()):
+        self.keys, self.counters = keys, counters
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {k: [0.0, 0] for k in self.keys}
+        self.counts = {k: 0.0 for k in self.counters}
+        self.started = time.perf_counter()
+
+    def update(self, out: dict, **counts: float) -> None:
+        for key in self.keys:
+            value = float(out[key])
+            if not math.isnan(value):
+                self.sums[key][0] += value
+                self.sums[key][1] += 1
+        for key, value in counts.items():
+            self.counts[key] += value
+
+    def collect(self, dist) -> dict[str, float]:
+        """All-reduce (every rank must call), then reset."""
+        rows = [self.sums[k] for k in self.keys] + [[self.counts[k], 0] for k in self.counters]
+        totals = torch.tensor(rows, dtype=torch.float64)
+        dist.all_reduce(totals)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {k: (s / n if n else float("nan")) for k, (s, n) in zip(self.keys, totals.tolist())}
+        metrics.update({f"{k}_per_s": totals[len(self.keys) + i, 0].item() / elapsed for i, k in enumerate(self.counters)})
+        self.reset()
+        return metrics
+
+
+def start_engine(cfg: StoryConfig, model: torch.nn.Module, stage, world_size: int, rank: int):
+    """A DeepSpeed engine over ``model.trainable_parameters()`` with AdamW and linear warm-up from
+    ``stage`` (``cfg.char_ldm`` or ``cfg.aligner``), resumed from Ray Train's checkpoint if any.
+    Returns (engine, optimizer, scheduler, client_state, restored_figures)."""
+    import deepspeed
+
+    from storygpt.char_ldm.training import warmup_lambda
+
+    ds_config = deepspeed_config(cfg, stage.batch_size, world_size, cfg.train.use_gpu, stage.mixed_precision == "bf16")
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=stage.learning_rate, weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(stage.warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+    state = load_checkpoint(engine)
+    restored = verify_restored(engine, optimizer, state, rank) if state else {}
+    return engine, optimizer, scheduler, state, restored
+
+
+def report_checkpoint(engine, optimizer, step: int, tracker, metrics: dict, state: dict, restored: dict, dist) -> None:
+    """Every rank saves its shard and reports it to Ray Train (a barrier); then the buffered
+    metrics it covers are committed to MLflow, so a resumed run never logs a step twice."""
+    import ray.train
+
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, optimizer_digest(optimizer))
+    checkpoint = save_checkpoint(engine, step, {"mlflow_run_id": tracker.run_id, "optimizer_digests": digests})
+    report = {**metrics, "global_step": step, "resumed_from_step": state.get("global_step", 0), **restored}
+    ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
+    tracker.commit()

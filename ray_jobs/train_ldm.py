@@ -9,7 +9,6 @@ places it on Ray workers inside a DeepSpeed engine. Resume: re-run with ``--resu
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from storygpt.commands import add_config_arguments
@@ -68,16 +67,14 @@ def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False
 
 # ----------------------------------------------------------------------------- on each worker
 def train_loop(config: dict) -> None:
-    import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import deepspeed_config, full_parameters, load_checkpoint, optimizer_digest, save_checkpoint
+    from ray_jobs.runtime import MetricWindow, full_parameters, report_checkpoint, start_engine
     from ray_jobs.tracking import Tracker
     from storygpt.char_ldm.data import collate
     from storygpt.char_ldm.model import CharLDM
-    from storygpt.char_ldm.training import warmup_lambda
 
     # --- setup
     cfg = StoryConfig.model_validate(config["cfg"])
@@ -86,49 +83,36 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = CharLDM.from_config(cfg)
-    ds_config = deepspeed_config(cfg, ldm.batch_size, world, train.use_gpu, ldm.mixed_precision == "bf16")
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=ldm.learning_rate, weight_decay=ldm.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(ldm.warmup_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
-    state = load_checkpoint(engine)
+    engine, optimizer, scheduler, state, restored = start_engine(cfg, model, ldm, world, rank)
     step = engine.global_steps
-    if state:  # prove the optimizer came back as it was saved
-        if abs(optimizer_digest(optimizer) - state["optimizer_digests"][rank]) > 1e-6 * max(1.0, abs(state["optimizer_digests"][rank])):
-            raise RuntimeError(f"rank {rank}: optimizer state differs from the checkpoint at step {state['global_step']}")
     tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
     generator = torch.Generator().manual_seed(cfg.seed * 10_007 + rank * 101 + step)  # resumes draw new noise
     shard = ray.train.get_dataset_shard("train")
-    micro = ds_config["train_micro_batch_size_per_gpu"]
+    micro = engine.train_micro_batch_size_per_gpu()
     device = engine.device
 
     # --- train
-    window = _new_window()
-    last = {}
+    window = MetricWindow(METRICS, counters=("samples",))
+    last, sample_rows = {}, None
     while step < ldm.max_steps:
         for rows in shard.iter_batches(batch_size=micro, batch_format="pyarrow", drop_last=True):
             batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), model, ldm, generator).items()}
             out = engine(batch, generator)
             engine.backward(out["loss"])
             engine.step()
-            _accumulate(window, out)
+            window.update(out, samples=micro)  # summed over ranks at collect
             if engine.global_steps == step:
                 continue  # mid gradient accumulation: no optimizer step yet
             step = engine.global_steps
             if step % ldm.log_every == 0 or step == ldm.max_steps:
-                last = _window_metrics(window, micro * world, scheduler.get_last_lr()[0], dist)
+                last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
                 tracker.log(last, step)
             if step % ldm.sample_every == 0:
-                with full_parameters(engine.module, train.zero_stage):
-                    if rank == 0:
-                        _log_samples(tracker, engine.module, rows.to_pylist(), cfg, step)
+                # every rank draws the same samples: under ZeRO-3 each module call gathers its weights
+                sample_rows = sample_rows or _broadcast(rows.to_pylist(), dist)
+                _log_samples(tracker, engine.module, sample_rows, cfg, step)
             if step % train.checkpoint_every == 0 or step == ldm.max_steps:
-                digests = [None] * world
-                dist.all_gather_object(digests, optimizer_digest(optimizer))
-                checkpoint = save_checkpoint(engine, step, {"mlflow_run_id": tracker.run_id, "optimizer_digests": digests})
-                report = {**last, "global_step": step, "resumed_from_step": state.get("global_step", 0)}
-                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
-                tracker.commit()
+                report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
             if step >= ldm.max_steps:
                 break
 
@@ -145,34 +129,11 @@ def train_loop(config: dict) -> None:
 METRICS = ("loss", "noise_loss", "lreg", "attn_in_mask_ratio")
 
 
-def _new_window() -> dict:
-    return {**{k: 0.0 for k in METRICS}, **{f"{k}_n": 0 for k in METRICS}, "steps": 0, "t": time.perf_counter()}
-
-
-def _accumulate(window: dict, out: dict) -> None:
-    """Sum each metric over the steps that measured it: attn_in_mask_ratio is NaN on a step
-    with no supervised character (no masks, or all unconditional), and such steps are skipped."""
-    import math
-
-    for key in METRICS:
-        value = float(out[key])
-        if not math.isnan(value):
-            window[key] += value
-            window[f"{key}_n"] += 1
-    window["steps"] += 1
-
-
-def _window_metrics(window: dict, samples_per_step: int, lr: float, dist) -> dict:
-    """Means over the steps since the last log, over all ranks; reset the window."""
-    import torch
-
-    sums = torch.tensor([[window[k], window[f"{k}_n"]] for k in METRICS], dtype=torch.float64)
-    dist.all_reduce(sums)
-    metrics = {k: (s / n if n else float("nan")) for k, (s, n) in zip(METRICS, sums.tolist())}
-    elapsed = time.perf_counter() - window["t"]
-    metrics.update(lr=lr, samples_per_s=samples_per_step * window["steps"] / max(elapsed, 1e-9))
-    window.update(_new_window())
-    return metrics
+def _broadcast(rows: list[dict], dist) -> list[dict]:
+    """Rank 0's rows on every rank."""
+    box = [rows]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _log_samples(tracker, model, rows: list[dict], cfg: StoryConfig, step: int) -> None:

@@ -71,6 +71,8 @@ class ModelPaths(Section):
     lm: str
     sam: str
     super_resolution: str
+    char_ldm: str | None = Field(default=None, description="trained Char-LDM (train-ldm's export); null: the latest")
+    aligner: str | None = Field(default=None, description="trained aligner (train-aligner's export); null: the latest")
 
 
 class TinyZooConfig(Section):
@@ -183,11 +185,26 @@ class AlignerConfig(Section):
     mapper_heads: int
     mapper_ffn_dim: int
     mapper_queries: int = Field(description="L: learnable queries (77 = CLIP text length)")
-    max_length: int
+    max_length: int = Field(description="longest training sequence (tokens); earliest frames are dropped")
     learning_rate: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
-    batch_size: int = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    batch_size: int = Field(gt=0, description="global batch (all workers, before accumulation)")
     max_steps: int = Field(gt=0)
+    mixed_precision: Literal["no", "bf16"]
+    log_every: int = Field(ge=1, description="steps between metric logs (and the reference-accuracy eval)")
+    eval_frames: int = Field(ge=1, description="held-out pronoun frames scored for reference accuracy")
+    context_window: int | None = Field(
+        default=None, ge=32, description="tokens the story loop keeps in the KV cache; null: the LM's context"
+    )
+    caption_max_tokens: int = Field(ge=1, description="continuation: the longest caption the LM may write")
+
+
+class PrecomputeConfig(Section):
+    """Stage-2 targets: each frame's fused embedding and CLIP frame feature, beside its record."""
+
+    output: str = Field(description="dir of the fused-embedding table; '{work_dir}' is substituted")
+    pool: ActorPoolConfig
 
 
 # ----------------------------------------------------------------------------- systems
@@ -222,6 +239,7 @@ class StoryConfig(Section):
     zoo: TinyZooConfig | None = None
     preprocess: PreprocessConfig
     char_ldm: CharLDMConfig
+    precompute: PrecomputeConfig
     aligner: AlignerConfig
     train: TrainConfig
     mlflow: MLflowConfig
@@ -249,8 +267,9 @@ class StoryConfig(Section):
         data = self.model_dump()
         data["work_dir"] = str(base)
         data["data"]["root"] = absolute(self.data.root)
-        data["models"] = {k: absolute(v) for k, v in data["models"].items()}
+        data["models"] = {k: v if v is None else absolute(v) for k, v in data["models"].items()}
         data["preprocess"]["output"] = absolute(self.preprocess.output)
+        data["precompute"]["output"] = absolute(self.precompute.output)
         data["train"]["storage_path"] = absolute(self.train.storage_path)
         data["train"]["deepspeed_config"] = absolute(self.deepspeed_config_path())
         return StoryConfig.model_validate(data)

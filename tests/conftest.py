@@ -57,3 +57,14 @@ def tiny_work(tmp_path_factory) -> Path:
     generate_world(work / "world", stories=10, seed=5, image_size=128, clip_frames=2,
                    val_fraction=0.2, test_fraction=0.2)
     return work
+
+
+@pytest.fixture(scope="session")
+def records(ray_local, tiny_work, tmp_path_factory) -> Path:
+    """`tiny_work`'s world preprocessed into records on the local Ray (shared by the Ray tests)."""
+    from preprocessing.job import preprocess
+    from storygpt.config import load_config
+
+    out = tmp_path_factory.mktemp("records")
+    preprocess(load_config(REPO / "configs" / "tiny.yaml", [f"work_dir={tiny_work}", f"preprocess.output={out}"]))
+    return out

@@ -28,7 +28,7 @@ def test_presets_load_and_carry_the_papers_values(presets):
 def test_tiny_extends_flintstones_and_overrides_sizes(presets):
     tiny = load_config(presets / "tiny.yaml")
     assert tiny.preset == "tiny" and tiny.zoo is not None and tiny.data.world is not None
-    assert tiny.char_ldm.resolution == 64 and tiny.char_ldm.lreg_weight == 1e-3
+    assert tiny.char_ldm.resolution == 64 and tiny.char_ldm.lreg_weight == 1.0  # tiny models: see tiny.yaml
     assert tiny.train.use_gpu is False and tiny.data.dataset == "world"
 
 
@@ -92,7 +92,7 @@ def test_missing_required_path_names_the_key(presets, tmp_path):
 
 def test_flat_view_for_tracking(presets):
     flat = load_config(presets / "tiny.yaml").flat()
-    assert flat["char_ldm.lreg_weight"] == 1e-3 and flat["data.world.stories"] > 0
+    assert flat["char_ldm.lreg_weight"] == 1.0 and flat["data.world.stories"] > 0
 
 
 @pytest.mark.parametrize("stage", [2, 3])

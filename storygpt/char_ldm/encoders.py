@@ -48,12 +48,19 @@ def character_embeddings(
     vision: CLIPVisionModelWithProjection, pixel_values: torch.Tensor, which: torch.Tensor
 ) -> torch.Tensor:
     """φ(I_k): (B, K, 3, H, W) → (B, K, d_vision), encoding only the ``which`` (B, K) slots
-    (padding and unfused characters stay zero and cost nothing)."""
+    (padding and unfused characters stay zero and cost nothing).
+
+    With no slot to encode, one crop still goes through the tower and is multiplied by zero: data-
+    parallel ranks must run the same modules (ZeRO-3 gathers each module's weights in its forward)
+    and reduce the same gradients, whatever mix of conditionings each rank drew.
+    """
     batch, chars = which.shape
-    if not which.any():
-        return torch.zeros(batch, chars, vision.config.projection_dim, device=pixel_values.device, dtype=vision.dtype)
-    embeds = vision(pixel_values[which].to(vision.dtype)).image_embeds  # its dtype follows any autocast
-    return embeds.new_zeros(batch, chars, embeds.shape[-1]).index_put(which.nonzero(as_tuple=True), embeds)
+    encode = which.clone()
+    if not encode.any():
+        encode[0, 0] = True  # the stand-in crop
+    embeds = vision(pixel_values[encode].to(vision.dtype)).image_embeds  # its dtype follows any autocast
+    embeds = embeds * which[encode][:, None].to(embeds.dtype)
+    return embeds.new_zeros(batch, chars, embeds.shape[-1]).index_put(encode.nonzero(as_tuple=True), embeds)
 
 
 def encode_prompts(

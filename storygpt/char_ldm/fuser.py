@@ -45,10 +45,14 @@ class CharacterFuser(nn.Module):
         char_token_idx: torch.Tensor,  # (B, K) long: i_k, the token each character fuses into
         char_valid: torch.Tensor,  # (B, K) bool: which slots to fuse (others are padding)
     ) -> torch.Tensor:
-        rows = torch.arange(text_states.shape[0], device=text_states.device)[:, None]
-        tokens = text_states[rows, char_token_idx]  # (B, K, d_text)
+        tokens = torch.gather(text_states, 1, char_token_idx[..., None].expand(-1, -1, text_states.shape[-1]))
         fused = self.mlp1(torch.cat([tokens, char_embeds.to(tokens.dtype)], dim=-1)) + tokens
-        fused = self.layer_norm(self.mlp2(fused))
-        b, k = char_valid.nonzero(as_tuple=True)
-        # out of place: the (frozen, possibly shared) text states are left as they are
-        return text_states.index_put((b, char_token_idx[b, k]), fused[b, k].to(text_states.dtype))
+        fused = self.layer_norm(self.mlp2(fused)).to(text_states.dtype)  # (B, K, d_text)
+        # Place each valid slot's fused token by a one-hot product rather than indexing only the valid
+        # ones: every parameter then stays in the graph (zero gradient when nothing is fused), which
+        # data-parallel training needs: DeepSpeed ZeRO reduces the same gradients on every rank.
+        # The product is exact (x·1 + y·0); the text states are left as they are.
+        place = nn.functional.one_hot(char_token_idx, text_states.shape[1]).to(text_states.dtype)
+        place = place * char_valid[..., None].to(text_states.dtype)  # (B, K, L)
+        placed = torch.einsum("bkl,bkd->bld", place, fused)
+        return torch.where(place.sum(1)[..., None] > 0, placed, text_states)

@@ -152,13 +152,7 @@ class CharLDM(nn.Module):
         else:
             lreg = torch.zeros((), device=device)
             ratio = torch.tensor(float("nan"), device=device)
-        # A micro-batch with nothing fused leaves the fuser and vision layers out of the graph; data-
-        # parallel gradient reduction (DeepSpeed, DDP) needs the same parameters on every rank, so
-        # they take part with weight zero. (ZeRO-3 keeps partitioned parameters as empty placeholders
-        # outside their module's forward: those are skipped.)
-        untouched = sum(p.sum() for m in (self.fuser, self.vision) for p in m.parameters()
-                        if p.requires_grad and p.numel() > 0)
-        return {"loss": denoise + cfg.lreg_weight * lreg + 0.0 * untouched, "noise_loss": denoise.detach(),
+        return {"loss": denoise + cfg.lreg_weight * lreg, "noise_loss": denoise.detach(),
                 "lreg": lreg.detach(), "attn_in_mask_ratio": ratio}
 
 
