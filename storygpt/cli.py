@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("storygpt.commands.data", "inspect a dataset: `storygpt data show ...`"),
     "preprocess": ("preprocessing.job", "Ray Data: frames -> super-resolution -> masks -> Parquet records"),
     "train-ldm": ("ray_jobs.train_ldm", "stage 1: train the Char-LDM on Ray Train + DeepSpeed, tracked in MLflow"),
+    "precompute": ("preprocessing.precompute", "Ray Data: the trained Char-LDM's fused embeddings + CLIP frame features"),
+    "train-aligner": ("ray_jobs.train_aligner", "stage 2: train the aligner on Ray Train + DeepSpeed, tracked in MLflow"),
+    "generate": ("storygpt.commands.generate", "draw a story (or continue one) with the trained models"),
     "demo": ("ray_jobs.demo", "run the quickstart pipeline on the configured preset"),
 }
 

@@ -1,0 +1,192 @@
+"""storygpt train-aligner: stage 2, the aligner, on Ray Train + DeepSpeed ZeRO, tracked in MLflow.
+
+The same recipe shape as ``train_ldm``: a frozen LM with new trainable parts
+(``storygpt.aligner``) inside a DeepSpeed engine per worker; ZeRO-3 shards the frozen LM across
+workers so large LMs fit. Training reads only the precomputed targets (``storygpt precompute``):
+captions, CLIP frame features and fused embeddings, never the UNet.
+
+Examples: every story prefix ``(I_1, S_1, …, S_n, [IMG])`` with the *referential* captions as
+input and frame n's fused embedding of the *original* caption as the target. Reference accuracy
+is measured on held-out pronoun frames (the val split) against the train split's per-character-
+set centroids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from storygpt.commands import add_config_arguments
+from storygpt.config import ConfigError, StoryConfig, load_config
+
+RUN_PREFIX = "aligner"
+METRICS = ("loss", "gen_loss", "align_loss")
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--targets", help="precomputed targets dir (default: precompute.output)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue the latest run (or RUN) from its last checkpoint")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides).resolved()
+    summary = fit(cfg, args.targets, args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False) -> dict:
+    """Driver side: story examples, centroids, trainer, fit. Returns a summary of the finished run."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ray_jobs.runtime import run_name
+    from storygpt.char_ldm.targets import targets_table_dir
+
+    try:
+        table_dir = targets_table_dir(targets or cfg.precompute.output)
+    except FileNotFoundError as err:
+        raise ConfigError(f"precompute.output: {err}") from None
+    cfg.require_dir("models.lm")
+    if not ray.is_initialized():
+        ray.init()
+    storage = Path(cfg.train.storage_path)
+    name = run_name(storage, RUN_PREFIX, resume)
+    frames = ray.data.read_parquet(str(table_dir))
+    train = _examples(frames.filter(lambda row: row["split"] == "train"))
+    held_out = _examples(frames.filter(lambda row: row["split"] == "val")).filter(lambda row: row["pronoun"])
+    evaluation = held_out.take(cfg.aligner.eval_frames)
+    centroids = _centroids(frames.filter(lambda row: row["split"] == "train"))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_name": name,
+                           "evaluation": ray.put(evaluation), "centroids": ray.put(centroids)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+        ),
+        datasets={"train": train},
+    )
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    return {"run": name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "eval_frames": len(evaluation), **metrics}
+
+
+def _examples(frames):
+    """One row per story prefix (``storygpt.aligner.data.story_examples``), grouped by story."""
+    import pyarrow as pa
+
+    from storygpt.aligner.data import story_examples
+
+    def per_story(group: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(story_examples(group.to_pylist()))
+
+    return frames.groupby("story_id").map_groups(per_story, batch_format="pyarrow")
+
+
+def _centroids(frames) -> dict:
+    """Mean fused embedding per character set over the train split, streamed batch by batch."""
+    import numpy as np
+
+    sums: dict[tuple[str, ...], list] = {}
+    for batch in frames.iter_batches(batch_size=256, batch_format="pyarrow"):
+        for row in batch.select(["characters", "fused"]).to_pylist():
+            key = tuple(sorted(row["characters"]))
+            entry = sums.setdefault(key, [0.0, 0])
+            entry[0] = entry[0] + np.asarray(row["fused"], dtype=np.float64)
+            entry[1] += 1
+    if not sums:
+        raise ConfigError("precompute.output: no train-split targets (run `storygpt precompute` first)")
+    return {key: (total / count).astype(np.float32) for key, (total, count) in sums.items()}
+
+
+# ----------------------------------------------------------------------------- on each worker
+def train_loop(config: dict) -> None:
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from ray_jobs.runtime import MetricWindow, full_parameters, report_checkpoint, start_engine
+    from ray_jobs.tracking import Tracker
+    from storygpt.aligner.data import collate
+    from storygpt.aligner.model import StoryAligner
+
+    # --- setup
+    cfg = StoryConfig.model_validate(config["cfg"])
+    stage, train = cfg.aligner, cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    aligner = StoryAligner.from_config(cfg)
+    engine, optimizer, scheduler, state, restored = start_engine(cfg, aligner, stage, world, rank)
+    step = engine.global_steps
+    tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
+    evaluation, centroids = ray.get(config["evaluation"]), ray.get(config["centroids"])
+    shard = ray.train.get_dataset_shard("train")
+    micro = engine.train_micro_batch_size_per_gpu()
+    device = engine.device
+
+    # --- train
+    window = MetricWindow(METRICS, counters=("tokens", "samples"))
+    last = {}
+    while step < stage.max_steps:
+        for rows in shard.iter_batches(batch_size=micro, batch_format="pyarrow", drop_last=True):
+            batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), aligner).items()}
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            window.update(out, tokens=float(batch["attention_mask"].sum()), samples=micro)
+            if engine.global_steps == step:
+                continue  # mid gradient accumulation: no optimizer step yet
+            step = engine.global_steps
+            if step % stage.log_every == 0 or step == stage.max_steps:
+                last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
+                last.update(_reference_accuracy(engine, evaluation, centroids, micro))
+                tracker.log(last, step)
+            if step % train.checkpoint_every == 0 or step == stage.max_steps:
+                report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
+            if step >= stage.max_steps:
+                break
+
+    # --- export (every rank gathers under ZeRO-3; rank 0 writes and logs)
+    export = Path(cfg.work_dir) / "aligner" / config["run_name"]
+    with full_parameters(engine.module, train.zero_stage):
+        if rank == 0:
+            engine.module.save_trained(export)
+            tracker.artifacts(export, "aligner")
+            tracker.register("aligner", f"{cfg.mlflow.experiment}-aligner")
+    tracker.end()
+
+
+def _reference_accuracy(engine, examples: list[dict], centroids: dict, micro: int) -> dict:
+    """Every rank scores the same held-out pronoun frames (same module calls on every rank, as
+    ZeRO-3 requires); the figures are identical on all ranks."""
+    import torch
+
+    from storygpt.aligner.data import collate
+    from storygpt.aligner.metrics import reference_accuracy
+
+    if not examples:
+        return {}
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    predicted = []
+    with torch.no_grad():
+        for start in range(0, len(examples), micro):
+            batch = {k: v.to(engine.device) for k, v in collate(examples[start:start + micro], model).items()}
+            predicted.append(model(batch)["conditioning"].float().cpu())
+    model.train(was_training)
+    shape = predicted[0].shape[1:]
+    means = {key: torch.as_tensor(value).view(shape) for key, value in centroids.items()}
+    sets = [tuple(sorted(e["characters"])) for e in examples]
+    accuracy, chance = reference_accuracy(torch.cat(predicted), sets, means)
+    return {"reference_accuracy": accuracy, "reference_chance": chance}
