@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from storygpt.cli import COMMANDS, main
@@ -71,3 +72,41 @@ def test_model_library_never_imports_ray(repo):
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {n}" for n in names if n == "ray" or n.startswith("ray.")]
     assert offenders == []
+
+
+@pytest.mark.slow
+def test_generate_writes_frames_grid_and_json_and_continues(tiny_work, tmp_path, capsys, repo, monkeypatch):
+    """`storygpt generate` over exports saved the way the training jobs save them (untrained:
+    the command's plumbing is under test, not the pictures)."""
+    import torch
+    from PIL import Image
+
+    from storygpt.aligner.model import StoryAligner
+    from storygpt.char_ldm.model import CharLDM
+    from storygpt.config import load_config
+
+    monkeypatch.chdir(repo)
+    work = tmp_path / "work"
+    cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={work}"] + [
+        f"models.{p}={tiny_work / 'zoo' / p}" for p in ("clip_text", "clip_vision", "vae", "unet", "scheduler")]
+        + [f"models.lm={tiny_work / 'zoo' / 'opt'}"])
+    torch.manual_seed(0)
+    CharLDM.from_config(cfg).save_trained(work / "char_ldm" / "char_ldm-1")
+    StoryAligner.from_config(cfg).save_trained(work / "aligner" / "aligner-1")  # found as the latest exports
+    overrides = [a for item in [f"work_dir={work}", f"models.lm={tiny_work / 'zoo' / 'opt'}", "char_ldm.sample_steps=2"]
+                 + [f"models.{p}={tiny_work / 'zoo' / p}" for p in ("clip_text", "clip_vision", "vae", "unet", "scheduler")]
+                 for a in ("--set", item)]
+    out = tmp_path / "story"
+    assert main(["generate", *overrides, "--out", str(out), "--caption", "Emma waves hello.",
+                 "--caption", "Later, she sits down.", "--continue", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["frames"] == 3
+    story = json.loads((out / "story.json").read_text())
+    assert [f["written"] for f in story["frames"]] == [False, False, True]
+    assert [f["caption"] for f in story["frames"][:2]] == ["Emma waves hello.", "Later, she sits down."]
+    grid = np.asarray(Image.open(out / "story.png"))
+    size = cfg.char_ldm.resolution
+    assert grid.shape == (size, 3 * size, 3)
+    assert all((out / f"frame_{i:02d}.png").is_file() for i in range(3))
+    assert main(["generate", *overrides, "--out", str(out)]) == 2  # no caption: an error naming --caption
+    assert "--caption" in capsys.readouterr().err
