@@ -96,6 +96,7 @@ class TinyZooConfig(Section):
     lm_heads: int
     lm_ffn_dim: int
     lm_max_positions: int
+    lm_pretrain_steps: int = Field(ge=0, description="next-token steps on world stories: the frozen LM must know the language")
     sam_image_size: int
     sam_embed_dim: int
     sam_depth: int

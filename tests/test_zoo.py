@@ -18,7 +18,7 @@ from storygpt.data.characters import WORLD
 from storygpt.models import loading
 from storygpt.models.sam import SamArchitecture, build_sam
 from storygpt.models.zoo import SD15_SCHEDULE, build_tiny_zoo
-from storygpt.world.stories import caption_corpus
+from storygpt.world.stories import story_corpus
 
 PARTS = {"clip_text", "clip_vision", "vae", "unet", "scheduler", "opt", "llama", "sam",
          "super_resolution"}
@@ -31,8 +31,8 @@ def cfg(repo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corpus() -> list[str]:
-    return caption_corpus(seed=0, stories=200)
+def corpus() -> list[list[str]]:
+    return story_corpus(seed=0, stories=200)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_build_writes_every_part_where_the_preset_expects_it(cfg, built):
     parts, seconds = built
     assert set(parts) == PARTS
     assert seconds < 60
-    configured = {name: cfg.path(getattr(cfg.models, name)) for name in type(cfg.models).model_fields}
+    configured = {name: cfg.path(getattr(cfg.models, name)) for name in type(cfg.models).model_fields
+                  if getattr(cfg.models, name) is not None}  # trained stages (char_ldm, aligner): no zoo part
     assert configured["lm"] == parts["opt"]
     assert all(configured[name] == parts[name] for name in configured.keys() - {"lm"})
     files = [p for d in parts.values() for p in d.rglob("*") if p.is_file()]
@@ -256,3 +257,22 @@ def test_wrong_part_is_refused_naming_the_directory(zoo, load, part, error):
 def test_sam_directory_with_neither_format_says_what_it_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"sam_vit_\{b,l,h\}_\*\.pth"):
         loading.load_sam(tmp_path)
+
+
+def test_the_language_models_have_read_world_stories(zoo, cfg):
+    """The frozen LM must know the story language (a random one left the aligner at the mean):
+    the zoo's LMs predict an unseen story far better than the same architecture untrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from storygpt.models.loading import load_lm
+
+    story = " ".join(story_corpus(seed=12345, stories=1)[1])  # a fresh referential story
+    for part in ("opt", "llama"):
+        tokenizer, lm = load_lm(zoo[part])
+        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(story, add_special_tokens=False).input_ids])
+        torch.manual_seed(0)
+        untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(zoo[part]))
+        with torch.no_grad():
+            trained_loss = lm(input_ids=ids, labels=ids).loss.item()
+            untrained_loss = untrained(input_ids=ids, labels=ids).loss.item()
+        assert trained_loss < 0.5 * untrained_loss, (part, trained_loss, untrained_loss)

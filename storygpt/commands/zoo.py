@@ -7,7 +7,7 @@ import time
 
 from storygpt.commands import add_config_arguments
 from storygpt.config import ConfigError, load_config
-from storygpt.world.stories import caption_corpus
+from storygpt.world.stories import story_corpus
 
 
 def build_zoo_quietly(cfg, out) -> dict:
@@ -19,7 +19,7 @@ def build_zoo_quietly(cfg, out) -> dict:
 
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
-    return build_tiny_zoo(cfg.zoo, out, caption_corpus(seed=cfg.seed), seed=cfg.seed)
+    return build_tiny_zoo(cfg.zoo, out, story_corpus(seed=cfg.seed), seed=cfg.seed)
 
 
 def add_arguments(p) -> None:

@@ -56,22 +56,24 @@ SD15_SCHEDULE = dict(
 
 
 def build_tiny_zoo(
-    zoo: TinyZooConfig, out_dir: str | Path, corpus: list[str], seed: int = 0
+    zoo: TinyZooConfig, out_dir: str | Path, stories: list[list[str]], seed: int = 0
 ) -> dict[str, Path]:
     """Build every part into ``out_dir/<part>``; returns {part: directory}.
 
-    Tokenizers are trained on ``corpus`` (the captions), so character names become single
-    tokens. Deterministic for a given (zoo, corpus, seed). Each part is written to a temporary
+    Tokenizers are trained on the captions of ``stories``, so character names become single
+    tokens; the language models are pretrained on the stories themselves (next-token, a few
+    hundred steps), as a real frozen LLM has read its language before stage 2. Deterministic for a given (zoo, corpus, seed). Each part is written to a temporary
     directory and renamed into place, so an interrupted build never leaves a half-written part.
     """
+    corpus = [caption for story in stories for caption in story]
     builders: dict[str, Callable[[Path], None]] = {
         "clip_text": lambda d: _clip_text(zoo, corpus, d),
         "clip_vision": lambda d: _clip_vision(zoo, d),
         "vae": lambda d: _vae(zoo, d),
         "unet": lambda d: _unet(zoo, d),
         "scheduler": lambda d: DDPMScheduler(**SD15_SCHEDULE).save_pretrained(d),
-        "opt": lambda d: _opt(zoo, corpus, d),
-        "llama": lambda d: _llama(zoo, corpus, d),
+        "opt": lambda d: _opt(zoo, corpus, stories, seed, d),
+        "llama": lambda d: _llama(zoo, corpus, stories, seed, d),
         "sam": lambda d: _sam(zoo, d),
         "super_resolution": lambda d: _super_resolution(zoo, d),
     }
@@ -158,7 +160,7 @@ def _unet(zoo: TinyZooConfig, out: Path) -> None:
     ).save_pretrained(out)
 
 
-def _opt(zoo: TinyZooConfig, corpus: list[str], out: Path) -> None:
+def _opt(zoo: TinyZooConfig, corpus: list[str], stories: list[list[str]], seed: int, out: Path) -> None:
     tokenizer = train_opt_tokenizer(corpus, zoo.tokenizer_vocab_size, zoo.lm_max_positions)
     config = OPTConfig(
         vocab_size=len(tokenizer),
@@ -172,11 +174,13 @@ def _opt(zoo: TinyZooConfig, corpus: list[str], out: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    OPTForCausalLM(config).save_pretrained(out)
+    model = OPTForCausalLM(config)
+    _pretrain(model, tokenizer, stories, zoo.lm_pretrain_steps, seed)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
-def _llama(zoo: TinyZooConfig, corpus: list[str], out: Path) -> None:
+def _llama(zoo: TinyZooConfig, corpus: list[str], stories: list[list[str]], seed: int, out: Path) -> None:
     tokenizer = train_llama_tokenizer(corpus, zoo.tokenizer_vocab_size, zoo.lm_max_positions)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -190,8 +194,44 @@ def _llama(zoo: TinyZooConfig, corpus: list[str], out: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
+    model = LlamaForCausalLM(config)
+    _pretrain(model, tokenizer, stories, zoo.lm_pretrain_steps, seed)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+LM_PRETRAIN_LR, LM_PRETRAIN_BATCH = 2e-3, 16
+
+
+def _pretrain(model, tokenizer, stories: list[list[str]], steps: int, seed: int) -> None:
+    """Next-token training on whole stories (captions joined by spaces, after BOS): ~5 s on one
+    CPU core for the tiny sizes; enough for the LM's states to carry who was named and how."""
+    if steps == 0:
+        return
+    texts = [[tokenizer.bos_token_id] + tokenizer(" ".join(s), add_special_tokens=False).input_ids for s in stories]
+    rng = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LM_PRETRAIN_LR)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and 10x faster on a busy machine
+    try:
+        _next_token_steps(model, tokenizer, texts, optimizer, steps, rng)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+
+
+def _next_token_steps(model, tokenizer, texts: list[list[int]], optimizer, steps: int, rng: torch.Generator) -> None:
+    for _ in range(steps):
+        batch = [texts[i] for i in torch.randint(len(texts), (LM_PRETRAIN_BATCH,), generator=rng).tolist()]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.eos_token_id)
+        labels = torch.full_like(ids, -100)  # padding is not predicted
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq)] = labels[row, :len(seq)] = torch.tensor(seq)
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _sam(zoo: TinyZooConfig, out: Path) -> None:

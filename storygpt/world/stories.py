@@ -103,15 +103,16 @@ def place_characters(n: int, size: int, horizon: float, rng: np.random.Generator
     return out
 
 
-def caption_corpus(seed: int = 0, stories: int = 2000) -> list[str]:
-    """World captions (and their referential forms) to train the tiny tokenizers on."""
+def story_corpus(seed: int = 0, stories: int = 2000) -> list[list[str]]:
+    """Freshly planned world stories (not the dataset's), each as its captions and again in
+    referential form: the text the tiny tokenizers and language models are trained on."""
     from storygpt.data.characters import WORLD
     from storygpt.data.referential import referential_story
 
     rng = np.random.default_rng(seed)
-    out: list[str] = []
+    out: list[list[str]] = []
     for _ in range(stories):
         plans = plan_story(rng)
         captions = [p.caption for p in plans]
-        out += captions + referential_story(captions, [p.cast for p in plans], WORLD)
+        out += [captions, referential_story(captions, [p.cast for p in plans], WORLD)]
     return out
