@@ -8,8 +8,9 @@ PIP := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
 PRESET ?= tiny
 WORK ?= work_dirs/demo
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,7 +23,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	DS_BUILD_SHM_COMM=1 $(PIP) -q --no-build-isolation --no-cache-dir deepspeed==0.19.8
 	$(PIP) -q --no-build-isolation -e '.[dev]'
 	$(PY) -c 'from storygpt.compat import check; check()'
+	$(MAKE) --no-print-directory browser
 	touch $@
+
+# The web page's test drives Debian's headless Chromium (no browser download); skipped, and
+# reported by `make test`, where it cannot be installed.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "WARNING: could not install chromium + chromium-driver: tests/test_web.py will be skipped"
 
 demo: setup
 	$(VENV)/bin/storygpt demo --config configs/$(PRESET).yaml --work-dir $(WORK)

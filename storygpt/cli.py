@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precompute": ("preprocessing.precompute", "Ray Data: the trained Char-LDM's fused embeddings + CLIP frame features"),
     "train-aligner": ("ray_jobs.train_aligner", "stage 2: train the aligner on Ray Train + DeepSpeed, tracked in MLflow"),
     "generate": ("storygpt.commands.generate", "draw a story (or continue one) with the trained models"),
+    "serve": ("serving.command", "Ray Serve: the HTTP API (streaming) and web page on 127.0.0.1"),
     "demo": ("ray_jobs.demo", "run the quickstart pipeline on the configured preset"),
 }
 

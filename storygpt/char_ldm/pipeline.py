@@ -79,6 +79,27 @@ class CharLDMPipeline:
         return self._sample(conditioning, steps, guidance_scale, seed)
 
     @torch.no_grad()
+    def sample(
+        self,
+        conditioning: torch.Tensor,
+        seeds: list[int],
+        steps: int | None = None,
+        guidance_scales: list[float] | float | None = None,
+    ) -> list[np.ndarray]:
+        """Frames for B independent requests in one UNet pass per step: row b of ``conditioning``
+        (B, L, d) with its own seed and guidance scale. Row b's starting noise is exactly what
+        ``self(conditioning=row_b, seed=seeds[b])`` draws, and every other step is per-row, so a
+        batched frame equals its unbatched one up to float rounding (batched matmuls may sum in
+        another order; tests allow ±2 grey levels). Rows needing different ``steps`` are separate calls."""
+        if len(seeds) != len(conditioning):
+            raise ValueError(f"{len(conditioning)} conditionings but {len(seeds)} seeds")
+        if guidance_scales is None or isinstance(guidance_scales, (int, float)):
+            guidance_scales = [self.cfg.guidance_scale if guidance_scales is None else float(guidance_scales)] * len(seeds)
+        if len(guidance_scales) != len(seeds):
+            raise ValueError(f"{len(seeds)} seeds but {len(guidance_scales)} guidance scales")
+        return self._sample(conditioning, steps, list(guidance_scales), list(seeds))
+
+    @torch.no_grad()
     def attention_maps(
         self,
         caption: str,
@@ -140,16 +161,23 @@ class CharLDMPipeline:
         self,
         conditioning: torch.Tensor,
         steps: int | None,
-        guidance_scale: float | None,
-        seed: int,
+        guidance_scale: float | list[float] | None,
+        seed: int | list[int],
         on_step: Callable[[dict[str, torch.Tensor], int], None] | None = None,
     ) -> list[np.ndarray]:
+        """``seed``: one generator for the whole batch, or one seed per row (:meth:`sample`);
+        ``guidance_scale``: one for all rows, or one per row (rows at <= 1 get no guidance)."""
         model, device = self.model, self.model.device
         steps = steps or self.cfg.sample_steps
         guidance = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         batch = len(conditioning)
+        if isinstance(guidance, list):
+            per_row = torch.tensor(guidance, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+            # a row at <= 1 samples unguided: uncond + 1 * (cond - uncond) = cond
+            per_row = torch.where(per_row > 1, per_row, torch.ones_like(per_row))
+            guidance = per_row if bool((per_row > 1).any()) else 1.0
         conditioning = conditioning.to(device, model.unet.dtype)
-        if guidance > 1:
+        if isinstance(guidance, torch.Tensor) or guidance > 1:
             empty = model.empty_ids.expand(batch, -1)
             mode = torch.full((batch,), int(Conditioning.UNCONDITIONAL), device=device)
             unconditional = model.encode_prompts(empty, mode)
@@ -158,20 +186,26 @@ class CharLDMPipeline:
         sampler.set_timesteps(steps, device=device)
         latent_size = self.cfg.resolution // 2 ** (len(model.vae.config.block_out_channels) - 1)
         shape = (batch, model.unet.config.in_channels, latent_size, latent_size)
-        generator = torch.Generator("cpu").manual_seed(seed)  # CPU: the same frames on any device
-        # the sampler's state in fp32 whatever the UNet's dtype: small steps add up over the loop
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        # CPU generators: the same frames on any device; the sampler's state in fp32 whatever the
+        # UNet's dtype (small steps add up over the loop)
+        if isinstance(seed, list):  # one generator per row: row b's noise as if drawn alone
+            latents = torch.cat([randn_tensor((1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(s),
+                                              device=device, dtype=torch.float32) for s in seed])
+        else:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents * sampler.init_noise_sigma
         bf16 = self.cfg.mixed_precision == "bf16" and device.type == "cuda"
+        guided = isinstance(guidance, torch.Tensor) or guidance > 1
         for t in sampler.timesteps:
-            x = torch.cat([latents] * 2) if guidance > 1 else latents
+            x = torch.cat([latents] * 2) if guided else latents
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
                     model.attention.capturing(on_step is not None) as store:
                 x = sampler.scale_model_input(x, t).to(conditioning.dtype)
                 eps = model.unet(x, t, conditioning).sample.float()
                 if on_step is not None:
                     on_step(store.maps, len(x))
-            if guidance > 1:
+            if guided:
                 uncond, cond = eps.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
             latents = sampler.step(eps, t, latents).prev_sample

@@ -1,0 +1,96 @@
+"""storygpt serve --config C [--set k=v] [--host H] [--port P]: the API and web page, locally.
+
+Starts a local Ray, deploys :func:`serving.app.build_app` on ``serve.host:serve.port``
+(127.0.0.1 unless told otherwise), prints the URL and serves until Ctrl-C. On a cluster use
+``serve deploy serving/serve_config.yaml`` instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import time
+
+from storygpt.commands import add_config_arguments
+from storygpt.config import ConfigError, load_config
+
+from serving.app import APP_NAME, build_app
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1 in the presets)")
+    p.add_argument("--port", type=int, help="port (default: serve.port)")
+    p.add_argument("--char-ldm", help="trained Char-LDM dir (default: models.char_ldm, else the latest export)")
+    p.add_argument("--aligner", help="trained aligner dir (default: models.aligner, else the latest export)")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    host = args.host or cfg.serve.host
+    port = cfg.serve.port if args.port is None else args.port
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port: expected 1..65535, got {port}")
+    check_port_free(host, port)
+    application = build_app(cfg, args.char_ldm, args.aligner)  # a missing export fails before Ray starts
+    url = start(application, host, port)
+    keyed = bool(cfg.serve.api_key or os.environ.get("STORYGPT_API_KEY"))
+    if not _is_loopback(host):
+        print(f"warning: listening on {host}: reachable from other machines"
+              + ("" if keyed else " with NO API key (set serve.api_key or $STORYGPT_API_KEY)"), flush=True)
+    print(f"StoryGPT-V is serving at {url}  (web page: {url}/, API docs: {url}/docs"
+          f"{', X-API-Key required' if keyed else ''}). Ctrl-C to stop.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping…", flush=True)
+    finally:
+        stop()
+    return 0
+
+
+def start(application, host: str, port: int, ray_init: bool = True) -> str:
+    """Deploy ``application`` at ``http://host:port`` (a local Ray unless one is initialised)."""
+    import ray
+    from ray import serve
+
+    if ray_init and not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    return f"http://{_url_host(host)}:{port}"
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"serve.port: cannot listen on {host}:{port} ({err.strerror}); "
+                              "choose another with --port") from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
