@@ -3,7 +3,8 @@
 Render the story world, build the tiny model zoo, summarise the dataset the way the training
 jobs read it, preprocess it into records (Ray Data), train the Char-LDM (Ray Train + DeepSpeed),
 precompute the stage-2 targets (Ray Data), train the aligner (Ray Train + DeepSpeed) and draw one
-referential story with the KV-cached story loop: every stage on one local Ray, tracked in MLflow.
+referential story through the HTTP API of the Ray Serve app (LLM + Char-LDM deployments):
+every stage on one local Ray, tracked in MLflow.
 On the tiny preset's budget the models learn little: the demo proves the pipeline.
 """
 
@@ -33,7 +34,8 @@ def run(args) -> int:
     steps = [("story world", _world), ("tiny model zoo", _zoo), ("dataset summary", _summary),
              ("preprocess (Ray Data)", _preprocess), ("train Char-LDM (Ray Train + DeepSpeed)", _train_ldm),
              ("precompute stage-2 targets (Ray Data)", _precompute),
-             ("train aligner (Ray Train + DeepSpeed)", _train_aligner), ("generate a story", _generate)]
+             ("train aligner (Ray Train + DeepSpeed)", _train_aligner),
+             ("serve, and draw a story over HTTP (Ray Serve)", _serve)]
     results = {}
     for i, (name, step) in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {name} ...", flush=True)
@@ -47,7 +49,10 @@ def run(args) -> int:
     print(f"  records:  {results['preprocess (Ray Data)']['output']}  (manifest.json, records/, errors/)")
     print(f"  Char-LDM: {results['train Char-LDM (Ray Train + DeepSpeed)']['export']}")
     print(f"  aligner:  {results['train aligner (Ray Train + DeepSpeed)']['export']}")
-    print(f"  story:    {results['generate a story']['grid']}")
+    served = results["serve, and draw a story over HTTP (Ray Serve)"]
+    print(f"  story:    {served['grid']}  (drawn through {served['url']}/v1/stories)")
+    print(f"  served:   {served['url']} during the demo; serve it again with: storygpt serve --config "
+          f"{args.config} --set work_dir={cfg.work_dir}")
     print(f"  MLflow:   experiment '{cfg.mlflow.experiment}' at {tracking_uri(cfg)}  (mlflow ui --backend-store-uri ...)")
     print("  (tiny random models trained for minutes on a CPU: the frames prove the pipeline, not the method)")
     return 0
@@ -144,20 +149,49 @@ DEMO_STORY = ["Emma waves hello in the forest.", "Later, she sits down with Brun
               "Later, they are eating lunch in the forest.", "Later, he runs around in the forest."]
 
 
-def _generate(cfg: StoryConfig, results: dict) -> dict:
-    """One referential story through the trained aligner + Char-LDM (no Ray needed)."""
+def _serve(cfg: StoryConfig, results: dict) -> dict:
+    """Deploy the trained models with Ray Serve on 127.0.0.1 and draw one referential story
+    through POST /v1/stories, as a user would; Serve is shut down at the end of the demo."""
+    import base64
+    import io
+
     import numpy as np
+    import requests
     from PIL import Image
+    from ray import serve
 
-    from storygpt.commands.generate import build_story_generator
+    from serving.app import build_app
+    from serving.command import start
 
-    out = Path(cfg.resolved().work_dir) / "story"
+    resolved = cfg.resolved()
+    app = build_app(resolved, results["train Char-LDM (Ray Train + DeepSpeed)"]["export"],
+                    results["train aligner (Ray Train + DeepSpeed)"]["export"])
+    url = start(app, "127.0.0.1", _free_port(cfg.serve.port))
+    try:
+        reply = requests.post(f"{url}/v1/stories", json={"captions": DEMO_STORY, "seed": cfg.seed}, timeout=900)
+        reply.raise_for_status()
+        frames = [np.asarray(Image.open(io.BytesIO(base64.b64decode(f["image"]))).convert("RGB"))
+                  for f in reply.json()["frames"]]
+    finally:
+        serve.shutdown()
+    out = Path(resolved.work_dir) / "story"
     out.mkdir(parents=True, exist_ok=True)
-    generator = build_story_generator(cfg.resolved(), results["train Char-LDM (Ray Train + DeepSpeed)"]["export"],
-                                      results["train aligner (Ray Train + DeepSpeed)"]["export"])
-    frames = [f.image for f in generator.stream(DEMO_STORY, seed=cfg.seed)]
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(out / f"frame_{i:02d}.png")
     Image.fromarray(np.concatenate(frames, axis=1)).save(out / "story.png")
-    (out / "story.json").write_text(json.dumps({"captions": DEMO_STORY}, indent=1))
-    return {"frames": len(frames), "grid": str(out / "story.png")}
+    (out / "story.json").write_text(json.dumps({"captions": DEMO_STORY, "url": url}, indent=1))
+    return {"url": url, "frames": len(frames), "grid": str(out / "story.png")}
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens there, else any free loopback port."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port on 127.0.0.1")

@@ -16,7 +16,7 @@ def test_demo_runs_the_whole_pipeline_and_says_what_it_did(tmp_path, repo):
         cwd=repo, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "[8/8] generate a story" in out.stdout and "demo finished" in out.stdout
+    assert "[8/8] serve, and draw a story over HTTP (Ray Serve)" in out.stdout and "demo finished" in out.stdout
     grid = work / "story" / "story.png"
     assert f"story:    {grid}" in out.stdout
     from PIL import Image
