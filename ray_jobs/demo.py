@@ -53,7 +53,8 @@ def run(args) -> int:
     print(f"  story:    {served['grid']}  (drawn through {served['url']}/v1/stories)")
     print(f"  served:   {served['url']} during the demo; serve it again with: storygpt serve --config "
           f"{args.config} --set work_dir={cfg.work_dir}")
-    print(f"  MLflow:   experiment '{cfg.mlflow.experiment}' at {tracking_uri(cfg)}  (mlflow ui --backend-store-uri ...)")
+    print(f"  MLflow:   experiment '{cfg.mlflow.experiment}' at {tracking_uri(cfg)}  "
+          f"(mlflow ui --backend-store-uri {tracking_uri(cfg)})")
     print("  (tiny random models trained for minutes on a CPU: the frames prove the pipeline, not the method)")
     return 0
 
