@@ -108,17 +108,11 @@ def preprocess(cfg: StoryConfig) -> dict:
 
 def _check_same_config(cfg: StoryConfig, output: Path) -> None:
     """A re-run may only resume an output written with the same data and stage settings."""
+    from preprocessing.writer import require_same_settings
+
     fingerprint = {k: v for k, v in cfg.flat().items() if k.startswith(FINGERPRINT_KEYS)}
-    path = output / "preprocess_config.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
-        if changed:
-            raise ConfigError(f"preprocess.output: '{output}' holds records made with other settings "
-                              f"({', '.join(changed)}); choose a new --output to keep both")
-        return
-    output.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fingerprint, indent=1))
+    require_same_settings(output / "preprocess_config.json", fingerprint, "preprocess.output", "records",
+                          "choose a new --output to keep both")
 
 
 def _versions() -> dict:

@@ -211,6 +211,7 @@ def _remove_unfinished(output: Path) -> None:
 
 def _check_same_inputs(cfg: StoryConfig, output: Path, records: Path, trained: Path, shape: dict) -> None:
     """A re-run may only add to an output made from the same records, Char-LDM and settings."""
+    from preprocessing.writer import require_same_settings
     from storygpt.char_ldm.targets import INFO
 
     info = {
@@ -225,15 +226,9 @@ def _check_same_inputs(cfg: StoryConfig, output: Path, records: Path, trained: P
     }
     path = output / INFO
     if path.is_file():
-        before = json.loads(path.read_text())
-        if before.get("char_ldm") != info["char_ldm"]:
-            raise ConfigError(f"precompute.output: '{output}' holds targets of the Char-LDM "
-                              f"'{before.get('char_ldm')}', not '{trained}'; set precompute.output to a new dir "
-                              "(or remove the old one) rather than mix the two")
-        changed = sorted(k for k in set(before) | set(info) if before.get(k) != info.get(k))
-        if changed:
-            raise ConfigError(f"precompute.output: '{output}' holds targets made with other settings "
-                              f"({', '.join(changed)}); set precompute.output to a new dir to keep both")
-        return
-    output.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=1))
+        before = json.loads(path.read_text()).get("char_ldm")
+        if before != info["char_ldm"]:  # the likely mistake, said plainly
+            raise ConfigError(f"precompute.output: '{output}' holds targets of the Char-LDM '{before}', not "
+                              f"'{trained}'; set precompute.output to a new dir (or remove the old one) rather "
+                              "than mix the two")
+    require_same_settings(path, info, "precompute.output", "targets", "set precompute.output to a new dir to keep both")

@@ -64,3 +64,19 @@ def resume_state(output: Path) -> tuple[set[str], list[dict]]:
         ids.update(info.pop("ids"))
         stats.append(info)
     return ids, stats
+
+
+def require_same_settings(path: Path, settings: dict, key: str, what: str, remedy: str) -> None:
+    """An output dir may only be resumed with the settings it was started with: the first run
+    writes ``settings`` to ``path``; a later one with any differing key raises naming them."""
+    from storygpt.config import ConfigError
+
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ConfigError(f"{key}: '{path.parent}' holds {what} made with other settings "
+                              f"({', '.join(changed)}); {remedy}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))

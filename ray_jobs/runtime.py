@@ -172,3 +172,37 @@ def report_checkpoint(engine, optimizer, step: int, tracker, metrics: dict, stat
     report = {**metrics, "global_step": step, "resumed_from_step": state.get("global_step", 0), **restored}
     ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
     tracker.commit()
+
+
+def fit_trainer(cfg: StoryConfig, train_loop, loop_config: dict, name: str, datasets: dict) -> dict:
+    """Both recipes' driver: a TorchTrainer over ``train.*`` (workers, resources, failures,
+    checkpoints kept) fit to the end; returns {"run", "checkpoint", **the last reported metrics}."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_name": name, **loop_config},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=cfg.train.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    return {"run": name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            **(result.metrics or {})}
+
+
+def export_trained(engine, cfg: StoryConfig, stage: str, run: str, rank: int, tracker) -> None:
+    """``{work_dir}/<stage>/<run>``: the trained parts (``save_trained``), logged and registered
+    as ``<experiment>-<stage>``. Every rank gathers under ZeRO-3; rank 0 writes and logs."""
+    export = Path(cfg.work_dir) / stage / run
+    with full_parameters(engine.module, cfg.train.zero_stage):
+        if rank == 0:
+            engine.module.save_trained(export)
+            tracker.artifacts(export, stage)
+            tracker.register(stage, f"{cfg.mlflow.experiment}-{stage.replace('_', '-')}")

@@ -40,10 +40,8 @@ def run(args) -> int:
 def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False) -> dict:
     """Driver side: story examples, centroids, trainer, fit. Returns a summary of the finished run."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from ray_jobs.runtime import run_name
+    from ray_jobs.runtime import fit_trainer, run_name
     from storygpt.char_ldm.targets import targets_table_dir
 
     try:
@@ -53,30 +51,15 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     cfg.require_dir("models.lm")
     if not ray.is_initialized():
         ray.init()
-    storage = Path(cfg.train.storage_path)
-    name = run_name(storage, RUN_PREFIX, resume)
+    name = run_name(Path(cfg.train.storage_path), RUN_PREFIX, resume)
     frames = ray.data.read_parquet(str(table_dir))
     train = _examples(frames.filter(lambda row: row["split"] == "train"))
     held_out = _examples(frames.filter(lambda row: row["split"] == "val")).filter(lambda row: row["pronoun"])
     evaluation = held_out.take(cfg.aligner.eval_frames)
     centroids = _centroids(frames.filter(lambda row: row["split"] == "train"))
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_name": name,
-                           "evaluation": ray.put(evaluation), "centroids": ray.put(centroids)},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-        ),
-        datasets={"train": train},
-    )
-    result = trainer.fit()
-    metrics = result.metrics or {}
-    return {"run": name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "eval_frames": len(evaluation), **metrics}
+    loop_config = {"evaluation": ray.put(evaluation), "centroids": ray.put(centroids)}
+    summary = fit_trainer(cfg, train_loop, loop_config, name, {"train": train})
+    return {**summary, "eval_frames": len(evaluation)}
 
 
 def _examples(frames):
@@ -114,7 +97,7 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import MetricWindow, full_parameters, report_checkpoint, start_engine
+    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, start_engine
     from ray_jobs.tracking import Tracker
     from storygpt.aligner.data import collate
     from storygpt.aligner.model import StoryAligner
@@ -157,12 +140,7 @@ def train_loop(config: dict) -> None:
                 break
 
     # --- export (every rank gathers under ZeRO-3; rank 0 writes and logs)
-    export = Path(cfg.work_dir) / "aligner" / config["run_name"]
-    with full_parameters(engine.module, train.zero_stage):
-        if rank == 0:
-            engine.module.save_trained(export)
-            tracker.artifacts(export, "aligner")
-            tracker.register("aligner", f"{cfg.mlflow.experiment}-aligner")
+    export_trained(engine, cfg, "aligner", config["run_name"], rank, tracker)
     tracker.end()
 
 

@@ -34,10 +34,8 @@ def run(args) -> int:
 def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False) -> dict:
     """Driver side: datasets, trainer, fit. Returns a summary of the finished run."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from ray_jobs.runtime import run_name
+    from ray_jobs.runtime import fit_trainer, run_name
 
     records_dir = Path(records or cfg.preprocess.output) / "records"
     if not any(records_dir.glob("*.parquet")):
@@ -45,24 +43,9 @@ def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False
     cfg.require_dir("models.unet")
     if not ray.is_initialized():
         ray.init()
-    storage = Path(cfg.train.storage_path)
-    name = run_name(storage, RUN_PREFIX, resume)
+    name = run_name(Path(cfg.train.storage_path), RUN_PREFIX, resume)
     train = ray.data.read_parquet(str(records_dir)).filter(lambda row: row["split"] == "train")
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_name": name},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-        ),
-        datasets={"train": train},
-    )
-    result = trainer.fit()
-    metrics = result.metrics or {}
-    return {"run": name, "checkpoint": result.checkpoint.path if result.checkpoint else None, **metrics}
+    return fit_trainer(cfg, train_loop, {}, name, {"train": train})
 
 
 # ----------------------------------------------------------------------------- on each worker
@@ -71,7 +54,7 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import MetricWindow, full_parameters, report_checkpoint, start_engine
+    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, start_engine
     from ray_jobs.tracking import Tracker
     from storygpt.char_ldm.data import collate
     from storygpt.char_ldm.model import CharLDM
@@ -117,12 +100,7 @@ def train_loop(config: dict) -> None:
                 break
 
     # --- export (every rank gathers under ZeRO-3; rank 0 writes and logs)
-    export = Path(cfg.work_dir) / "char_ldm" / config["run_name"]
-    with full_parameters(engine.module, train.zero_stage):
-        if rank == 0:
-            engine.module.save_trained(export)
-            tracker.artifacts(export, "char_ldm")
-            tracker.register("char_ldm", f"{cfg.mlflow.experiment}-char-ldm")
+    export_trained(engine, cfg, "char_ldm", config["run_name"], rank, tracker)
     tracker.end()
 
 

@@ -29,17 +29,13 @@ from storygpt.char_ldm.encoders import Conditioning, encode_prompts, train_last_
 from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.model import CONFIG, _load_weights, _require
 from storygpt.config import StoryConfig
-from storygpt.data.record_schema import decode_png
+from storygpt.data.record_schema import RECORDS, decode_png
 from storygpt.models.loading import load_clip_text, load_clip_vision
 
+# the record fields stage 2 reads, as the record schema types them, + the two targets
 TARGETS = pa.schema([
-    ("id", pa.string()),
-    ("story_id", pa.string()),
-    ("frame_index", pa.int32()),
-    ("split", pa.string()),
-    ("caption", pa.string()),
-    ("referential_caption", pa.string()),
-    ("characters", pa.list_(pa.string())),
+    *(RECORDS.field(name) for name in ("id", "story_id", "frame_index", "split", "caption",
+                                       "referential_caption", "characters")),
     ("fused", pa.list_(pa.float32())),  # c_i, (L, d) flattened row-major
     ("frame_feature", pa.list_(pa.float32())),  # (d_clip,)
 ])
