@@ -21,7 +21,8 @@ def main() -> int:
         print(f"== benchmarks.{module}", flush=True)
         proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *quick],
                               cwd=HERE.parent, capture_output=True, text=True)
-        lines = proc.stdout.strip().splitlines()
+        # The JSON line is the last one a benchmark prints, but Ray may log after it.
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         try:
             results[module] = json.loads(lines[-1])
             print(lines[-1], flush=True)

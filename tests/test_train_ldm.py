@@ -59,6 +59,13 @@ def test_two_workers_train_under_zero_and_track_in_mlflow(ray_local, records, ti
     assert client.search_model_versions(f"name='{cfg.mlflow.experiment}-char-ldm'")
 
 
+def _last_json(stdout: str) -> dict:
+    """The command's summary: its last JSON line (Ray's raylet may print warnings after it)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON summary in the output: {stdout[-2000:]}"
+    return json.loads(lines[-1])
+
+
 def test_killed_training_resumes_at_the_right_step_with_its_optimizer_state(records, tiny_work, repo, tmp_path):
     work = tmp_path / "work"
     args = ["--records", str(records)] + [a for o in _overrides(tiny_work, work, char_ldm__max_steps=12,
@@ -75,7 +82,7 @@ def test_killed_training_resumes_at_the_right_step_with_its_optimizer_state(reco
     first.wait()
     second = subprocess.run([*cmd, "--resume"], cwd=repo, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    summary = _last_json(second.stdout)
     assert summary["resumed_from_step"] in (4, 8) and summary["global_step"] == 12
     assert summary["saved_optimizer_digest"] > 0  # Adam moments were saved, and came back equal:
     assert summary["restored_optimizer_digest"] == pytest.approx(summary["saved_optimizer_digest"], rel=1e-6)
