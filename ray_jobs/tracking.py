@@ -62,6 +62,11 @@ class Tracker:
         if self.active:
             self.mlflow.log_artifacts(str(directory), artifact_path=path)
 
+    def files(self, paths: list[str | Path], path: str) -> None:
+        if self.active:
+            for file in paths:
+                self.mlflow.log_artifact(str(file), artifact_path=path)
+
     def register(self, path: str, name: str) -> None:
         """Register a logged artifact dir as a model version (visible in the MLflow registry)."""
         if self.active:

@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precompute": ("preprocessing.precompute", "Ray Data: the trained Char-LDM's fused embeddings + CLIP frame features"),
     "train-aligner": ("ray_jobs.train_aligner", "stage 2: train the aligner on Ray Train + DeepSpeed, tracked in MLflow"),
     "generate": ("storygpt.commands.generate", "draw a story (or continue one) with the trained models"),
+    "train-classifier": ("storygpt.commands.classifier", "fine-tune the Inception-v3 frame classifier (Char-/BG-Acc)"),
+    "train-captioner": ("storygpt.commands.captioner", "fine-tune the BLIP-2 captioner (BLEU4 / CIDEr); tiny: build it"),
+    "evaluate": ("ray_jobs.evaluate", "Ray Data: draw the test stories and score them (paper Table 1)"),
     "serve": ("serving.command", "Ray Serve: the HTTP API (streaming) and web page on 127.0.0.1"),
     "demo": ("ray_jobs.demo", "run the quickstart pipeline on the configured preset"),
 }

@@ -97,6 +97,8 @@ class TinyZooConfig(Section):
     lm_ffn_dim: int
     lm_max_positions: int
     lm_pretrain_steps: int = Field(ge=0, description="next-token steps on world stories: the frozen LM must know the language")
+    vae_pretrain_steps: int = Field(
+        ge=0, description="reconstruction steps on rendered world frames: a random VAE cannot decode what the UNet learns")
     sam_image_size: int
     sam_embed_dim: int
     sam_depth: int
@@ -273,6 +275,52 @@ class ServeConfig(Section):
     char_ldm: CharLDMReplicaConfig
 
 
+class ClassifierConfig(Section):
+    """`storygpt train-classifier`: the Inception-v3 that scores frames (Char-/BG-Acc and -F1)."""
+
+    output: str = Field(description="where the fine-tuned classifier is saved and read; '{work_dir}' is substituted")
+    weights: str | None = Field(
+        default=None, description="ImageNet Inception-v3 state dict to fine-tune (.safetensors, or torchvision's .pth "
+                                  "read with weights_only=True); null: random init (tiny)")
+    image_size: int = Field(ge=75, description="input side; Inception-v3 needs >= 75 (299 for ImageNet weights)")
+    batch_size: int = Field(ge=1)
+    max_steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+
+
+class CaptionerConfig(Section):
+    """The BLIP-2 captioner behind BLEU4 / CIDEr: a fine-tuned BLIP-2 the user supplies, or (tiny)
+    a small BLIP-2 that `storygpt train-captioner` builds and trains on the story world."""
+
+    model: str = Field(description="BLIP-2 dir (save_pretrained layout); '{work_dir}' is substituted")
+    max_new_tokens: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="train-captioner: frames per step")
+    max_steps: int = Field(ge=1, description="train-captioner: optimizer steps")
+    learning_rate: float = Field(gt=0)
+
+
+class EvaluateConfig(Section):
+    """`storygpt evaluate`: generate the split's stories and score them (paper Table 1)."""
+
+    output: str = Field(description="generated frames, scores and table.md; '{work_dir}' is substituted")
+    split: Literal["val", "test"]
+    rows: list[Literal["char_ldm/original", "char_ldm/referential", "storygpt/referential", "storygpt/original"]] = Field(
+        min_length=1, description="method/captions: Char-LDM alone, or StoryGPT-V (aligner + Char-LDM)")
+    max_stories: int | None = Field(default=None, ge=1, description="score the first N stories; null: all")
+    story_frames: int | None = Field(default=None, ge=1, description="frames per story; null: data.frames_per_story")
+    long_story_frames: list[int] = Field(description="long-story runs: consecutive stories chained to N frames")
+    long_stories: int = Field(ge=0, description="long stories per length (0: skip the long-story runs)")
+    sample_steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=1)
+    detector_tolerance: int = Field(ge=0, le=255, description="story world: the colour detector's L-inf tolerance")
+    fid_weights: str | None = Field(
+        default=None, description="torch-fidelity's FID Inception weights (pt_inception-2015-12-05); null: the "
+                                  "fine-tuned classifier's pooled features (not comparable with published FIDs)")
+    pool: ActorPoolConfig
+    classifier: ClassifierConfig
+    captioner: CaptionerConfig
+
+
 class StoryConfig(Section):
     """The whole system. ``work_dir`` holds everything a run writes."""
 
@@ -289,6 +337,7 @@ class StoryConfig(Section):
     train: TrainConfig
     mlflow: MLflowConfig
     serve: ServeConfig
+    evaluate: EvaluateConfig
 
     def path(self, value: str) -> Path:
         """Resolve a configured path: substitute '{work_dir}', keep it relative to the cwd."""
@@ -317,6 +366,14 @@ class StoryConfig(Section):
         data["preprocess"]["output"] = absolute(self.preprocess.output)
         data["precompute"]["output"] = absolute(self.precompute.output)
         data["train"]["storage_path"] = absolute(self.train.storage_path)
+        data["evaluate"]["output"] = absolute(self.evaluate.output)
+        data["evaluate"]["classifier"]["output"] = absolute(self.evaluate.classifier.output)
+        data["evaluate"]["captioner"]["model"] = absolute(self.evaluate.captioner.model)
+        for key in ("fid_weights",):
+            if self.evaluate.fid_weights:
+                data["evaluate"][key] = absolute(self.evaluate.fid_weights)
+        if self.evaluate.classifier.weights:
+            data["evaluate"]["classifier"]["weights"] = absolute(self.evaluate.classifier.weights)
         data["train"]["deepspeed_config"] = absolute(self.deepspeed_config_path())
         return StoryConfig.model_validate(data)
 

@@ -1,0 +1,446 @@
+"""The frame classifier behind Char-Acc / Char-F1 and BG-Acc / BG-F1 (paper Table 1), and the
+fallback FID features.
+
+An Inception-v3 trunk (torchvision's, ``aux_logits=False``) with two heads on its 2048-d pooled
+features: characters (multi-label, one sigmoid logit per character of the dataset's table, BCE)
+and setting (single-label softmax over the train split's settings; absent for datasets without
+settings, e.g. PororoSV). The paper's reference script trains one Inception-v3 per task; one
+shared trunk is half the compute for the same figures.
+
+Input: uint8 ``H x W x 3`` frames, resized (bilinear, antialiased) to ``image_size`` and
+ImageNet-normalised; the trunk runs with ``transform_input=True``, torchvision's re-normalisation
+to the [-1, 1] range the Google Inception-v3 weights were trained on, so ImageNet weights
+(``evaluate.classifier.weights``) see what they expect.
+
+``train_classifier(cfg, records_dir)`` fine-tunes it on the records' train split (AdamW with a
+cosine decay to 0 over ``max_steps``; BCE summed over characters + cross-entropy; random horizontal
+flips, label-preserving: a mirrored character or setting is the same one), scores the val
+split and saves it atomically to ``evaluate.classifier.output`` (``config.json`` +
+``model.safetensors``). ``FrameClassifier.from_pretrained(dir)`` loads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from storygpt.config import ConfigError, StoryConfig
+from storygpt.evaluation.scores import character_scores, setting_scores
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TRAINING_NAME = "training.json"
+FEATURE_DIM = 2048
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's Inception-v3 keys that belong to heads we replace (not loaded from ImageNet weights)
+_REPLACED_PREFIXES = ("fc.", "AuxLogits.")
+
+
+def _inception_trunk(init_weights: bool = True) -> nn.Module:
+    import storygpt  # noqa: F401  (the torchvision shim first)
+    from torchvision.models import inception_v3
+
+    trunk = inception_v3(weights=None, aux_logits=False, init_weights=init_weights, transform_input=True)
+    trunk.fc = nn.Identity()  # forward() now ends at the pooled (dropout'd in training) 2048-d features
+    return trunk
+
+
+class FrameClassifier(nn.Module):
+    """Inception-v3 trunk + character head (sigmoid) + setting head (softmax, optional)."""
+
+    def __init__(self, characters: Sequence[str], settings: Sequence[str] = (), image_size: int = 299,
+                 init_weights: bool = True):
+        """``init_weights=False`` skips Inception's truncated-normal init (seconds on CPU) when every
+        trunk weight is about to be overwritten (from_pretrained, ImageNet weights)."""
+        super().__init__()
+        if not characters:
+            raise ValueError("a frame classifier needs at least one character")
+        if image_size < 75:
+            raise ValueError(f"image_size: Inception-v3 needs >= 75, got {image_size}")
+        self.characters = list(characters)
+        self.settings = list(settings)
+        self.image_size = int(image_size)
+        self.trunk = _inception_trunk(init_weights)
+        self.character_head = nn.Linear(FEATURE_DIM, len(self.characters))
+        self.setting_head = nn.Linear(FEATURE_DIM, len(self.settings)) if self.settings else None
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.character_head.weight.device
+
+    # ------------------------------------------------------------------ input
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, H, W, 3]`` (any device) -> normalised float ``[N, 3, S, S]`` on the model's device."""
+        x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True).clamp_(0.0, 1.0)
+        return (x - self.mean) / self.std
+
+    def _batches(self, images, batch_size: int):
+        """Yield uint8 ``[B, H, W, 3]`` tensors from a list / array of ``H x W x 3`` uint8 frames."""
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        elif not hasattr(images, "__getitem__"):  # a generator or other one-pass iterable
+            images = list(images)
+        if isinstance(images, np.ndarray) and images.ndim != 4:
+            raise ValueError(f"expected a batch of frames [N, H, W, 3]; got shape {images.shape} "
+                             "(wrap a single frame in a list)")
+        for start in range(0, len(images), batch_size):
+            chunk = [np.asarray(im) for im in images[start:start + batch_size]]  # lists, arrays, lazy sequences
+            for k, im in enumerate(chunk):
+                if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+                    raise ValueError(f"frame {start + k}: expected uint8 H x W x 3, got {im.dtype} {im.shape}")
+            if len({im.shape for im in chunk}) == 1:
+                yield [torch.from_numpy(np.stack(chunk))]
+            else:  # mixed sizes: resize one by one (same result, per frame)
+                yield [torch.from_numpy(np.array(im, copy=True))[None] for im in chunk]
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised ``[N, 3, S, S]`` -> pooled ``[N, 2048]`` (before the heads)."""
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised ``[N, 3, S, S]`` -> (character logits ``[N, C]``, setting logits ``[N, S]`` or None)."""
+        h = self.forward_features(x)
+        return self.character_head(h), (self.setting_head(h) if self.setting_head is not None else None)
+
+    @torch.inference_mode()
+    def predict(self, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """(character probabilities ``[N, C]``, setting probabilities ``[N, S]`` or None), float32."""
+        was_training = self.training
+        self.eval()
+        chars, sets = [], []
+        try:
+            for parts in self._batches(images, batch_size):
+                x = torch.cat([self.preprocess(p) for p in parts])
+                char_logits, setting_logits = self(x)
+                chars.append(torch.sigmoid(char_logits).float().cpu())
+                if setting_logits is not None:
+                    sets.append(torch.softmax(setting_logits.float(), dim=-1).cpu())
+        finally:
+            self.train(was_training)
+        char_probs = torch.cat(chars).numpy() if chars else np.zeros((0, len(self.characters)), np.float32)
+        if self.setting_head is None:
+            return char_probs, None
+        return char_probs, (torch.cat(sets).numpy() if sets else np.zeros((0, len(self.settings)), np.float32))
+
+    def predict_labels(self, images, threshold: float = 0.5, batch_size: int = 64
+                       ) -> tuple[list[list[str]], list[str] | None]:
+        """Per frame: the characters whose probability exceeds ``threshold``, and the argmax setting."""
+        char_probs, setting_probs = self.predict(images, batch_size)
+        chars = [[self.characters[j] for j in np.flatnonzero(row > threshold)] for row in char_probs]
+        if setting_probs is None:
+            return chars, None
+        return chars, [self.settings[j] for j in setting_probs.argmax(axis=1)]
+
+    @torch.inference_mode()
+    def features(self, images, batch_size: int = 64) -> np.ndarray:
+        """Pooled 2048-d features ``[N, 2048]`` (float32): FID features when no FID Inception is given."""
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for parts in self._batches(images, batch_size):
+                out.append(self.forward_features(torch.cat([self.preprocess(p) for p in parts])).float().cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM), np.float32)
+
+    # ------------------------------------------------------------------ weights
+    def load_imagenet_weights(self, path: str | Path, key: str = "evaluate.classifier.weights") -> dict:
+        """Load a torchvision Inception-v3 state dict into the trunk (all but the fc / aux heads, strictly).
+
+        ``.safetensors`` via safetensors; anything else with ``torch.load(..., weights_only=True)``.
+        Returns what was skipped. A missing or mismatching file is a ConfigError naming ``key``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{key}: expected an existing Inception-v3 state dict file, got '{path}'")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (unreadable, or a pickle with more than tensors in it)
+            raise ConfigError(f"{key}: cannot read '{path}' as a state dict: {err}") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"{key}: '{path}' is not a state dict of tensors")
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        skipped = sorted(k for k in state if k.startswith(_REPLACED_PREFIXES))
+        trunk_state = {k: v for k, v in state.items() if not k.startswith(_REPLACED_PREFIXES)}
+        for k, v in self.trunk.state_dict().items():  # old checkpoints predate BatchNorm's step counter
+            bn = k.removesuffix(".num_batches_tracked")
+            if bn != k and k not in trunk_state and f"{bn}.running_mean" in trunk_state:
+                trunk_state[k] = torch.zeros_like(v)
+        try:
+            self.trunk.load_state_dict(trunk_state, strict=True)
+        except RuntimeError as err:
+            raise ConfigError(f"{key}: '{path}' is not a torchvision Inception-v3 state dict: {err}") from None
+        return {"loaded": len(trunk_state), "skipped": skipped}
+
+    def config_dict(self) -> dict:
+        return {"architecture": "inception_v3", "characters": self.characters, "settings": self.settings,
+                "image_size": self.image_size, "transform_input": True, "feature_dim": FEATURE_DIM}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=1))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> "FrameClassifier":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"'{directory}' is not a frame classifier dir "
+                                    f"(expected {CONFIG_NAME} + {WEIGHTS_NAME}; `storygpt train-classifier` makes one)")
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        if config.get("architecture") != "inception_v3":
+            raise ValueError(f"{directory / CONFIG_NAME}: unknown architecture {config.get('architecture')!r}")
+        model = cls(config["characters"], config.get("settings") or (), config["image_size"], init_weights=False)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+        model.eval()
+        return model.to(device) if device is not None else model
+
+
+def load_classifier(cfg: StoryConfig, device: str | torch.device | None = None) -> FrameClassifier:
+    """The fine-tuned classifier at ``evaluate.classifier.output``; a missing one names the key."""
+    path = cfg.path(cfg.evaluate.classifier.output)
+    if not (path / CONFIG_NAME).is_file():
+        raise ConfigError(f"evaluate.classifier.output: expected a trained frame classifier in '{path}' "
+                          "(run `storygpt train-classifier` first)")
+    return FrameClassifier.from_pretrained(path, device)
+
+
+# ---------------------------------------------------------------------- training
+def _read_frames(records_dir: Path, splits: tuple[str, ...]) -> dict[str, dict[str, list]]:
+    """PNG bytes, character lists and settings of the given splits, file by file (keeps memory to them)."""
+    import pyarrow.parquet as pq
+
+    from storygpt.data.record_schema import RECORDS
+
+    files = sorted((records_dir / "records").glob("*.parquet"))
+    if not files:
+        raise ConfigError(f"no records in '{records_dir / 'records'}' (run `storygpt preprocess` first)")
+    columns = ["id", "split", "characters", "setting", "image"]
+    out = {s: {"id": [], "characters": [], "setting": [], "image": []} for s in splits}
+    for f in files:
+        table = pq.read_table(f, columns=columns, schema=RECORDS, filters=[("split", "in", list(splits))])
+        for row in table.to_pylist():
+            part = out[row["split"]]
+            for key in part:
+                part[key].append(row[key])
+    return out
+
+
+class _PNGFrames(torch.utils.data.Dataset):
+    def __init__(self, images: list[bytes]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        from storygpt.data.record_schema import decode_png
+
+        return i, torch.from_numpy(np.array(decode_png(self.images[i]), dtype=np.uint8, copy=True))
+
+
+class _DecodedPNGs(Sequence):
+    """PNG bytes seen as a sequence of decoded frames, decoded when read (a split never held decoded)."""
+
+    def __init__(self, images: list[bytes]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from storygpt.data.record_schema import decode_png
+
+        if isinstance(i, slice):
+            return [decode_png(b) for b in self.images[i]]
+        return decode_png(self.images[i])
+
+
+def _labels(table, characters: list[list[str]]) -> torch.Tensor:
+    return torch.tensor([table.to_multi_hot(c) for c in characters], dtype=torch.float32)
+
+
+def evaluate_frames(model: FrameClassifier, images: list, characters: list[list[str]], settings: list[str | None],
+                    batch_size: int = 64) -> dict[str, float | None]:
+    """Char-Acc / Char-F1 / BG-Acc / BG-F1 (fractions) of ``model`` on decoded frames and their labels."""
+    pred_chars, pred_settings = model.predict_labels(images, batch_size=batch_size)
+    known = set(model.characters)
+    chars = character_scores(pred_chars, [[c for c in cs if c in known] for cs in characters])
+    out = {"char_acc": chars["acc"], "char_f1": chars["f1"], "bg_acc": None, "bg_f1": None}
+    if pred_settings is not None and any(s for s in settings):
+        bg = setting_scores(pred_settings, [s or None for s in settings])
+        out.update(bg_acc=bg["acc"], bg_f1=bg["f1"])
+    return out
+
+
+def train_classifier(cfg: StoryConfig, records_dir: str | Path, device: str | None = None,
+                     threads: int | None = 1) -> dict:
+    """Fine-tune the frame classifier on the records' train split; score val; save atomically.
+
+    Returns the figures: steps, first / last loss (means of the first / last ``min(10, steps)``
+    steps), val Char-Acc / Char-F1 / BG-Acc / BG-F1 (fractions; BG-F1 macro, see scores.py),
+    frame counts, seconds and steps/s. ``threads``: torch CPU threads while training (restored after).
+    """
+    from storygpt.data.characters import get_table
+
+    started = time.perf_counter()
+    cc = cfg.evaluate.classifier
+    records_dir = Path(records_dir)
+    output = cfg.path(cc.output)
+    if cc.weights and not cfg.path(cc.weights).is_file():  # before reading any data
+        raise ConfigError(f"evaluate.classifier.weights: expected an existing Inception-v3 state dict file, "
+                          f"got '{cfg.path(cc.weights)}'")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    previous_threads = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        table = get_table(cfg.data.dataset)
+        data = _read_frames(records_dir, ("train", "val"))
+        train, val = data["train"], data["val"]
+        if not train["image"]:
+            raise ConfigError(f"no train-split records in '{records_dir / 'records'}'")
+        settings = sorted({s for s in train["setting"] if s})
+        setting_index = {s: i for i, s in enumerate(settings)}
+
+        torch.manual_seed(cfg.seed)
+        model = FrameClassifier(table.names, settings, cc.image_size, init_weights=not cc.weights)
+        loaded = model.load_imagenet_weights(cfg.path(cc.weights)) if cc.weights else None
+        model.to(device).train()
+
+        char_targets = _labels(table, train["characters"])
+        setting_targets = torch.tensor([setting_index.get(s, -1) if s else -1 for s in train["setting"]])
+        loader = _loader(train["image"], cc.batch_size, cfg.seed, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cc.learning_rate)
+        flips = torch.Generator().manual_seed(cfg.seed + 1)
+        losses: list[float] = []
+        train_started, train_cpu = time.perf_counter(), time.process_time()
+        for step, (index, frames) in zip(range(cc.max_steps), loader):
+            x = model.preprocess(frames)
+            flip = (torch.rand(len(x), generator=flips) < 0.5).to(device)
+            # horizontal flips only: a mirrored character or setting is still the same one (the
+            # world's shapes are even symmetric); a vertical flip would swap sky and ground
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            char_logits, setting_logits = model(x)
+            # summed over characters (one binary task each), averaged over frames: the mean over
+            # characters left the character head at the label prior while the setting head learned
+            loss = F.binary_cross_entropy_with_logits(char_logits, char_targets[index].to(device),
+                                                      reduction="sum") / len(index)
+            if setting_logits is not None:
+                target = setting_targets[index].to(device)
+                if (target >= 0).any():
+                    loss = loss + F.cross_entropy(setting_logits, target, ignore_index=-1)
+            for group in optimizer.param_groups:  # cosine decay to 0 over max_steps
+                group["lr"] = cc.learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / cc.max_steps))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        train_seconds, train_cpu = time.perf_counter() - train_started, time.process_time() - train_cpu
+
+        model.eval()
+        figures_val = {"char_acc": None, "char_f1": None, "bg_acc": None, "bg_f1": None}
+        unseen_val_settings = 0
+        if val["image"]:
+            figures_val = evaluate_frames(model, _DecodedPNGs(val["image"]), val["characters"], val["setting"],
+                                          cc.batch_size)
+            unseen_val_settings = sum(1 for s in val["setting"] if s and s not in setting_index)
+        window = min(10, len(losses))
+        figures = {
+            "output": str(output),
+            "device": str(device),
+            "steps": len(losses),
+            "first_loss": float(np.mean(losses[:window])),
+            "last_loss": float(np.mean(losses[-window:])),
+            "train_frames": len(train["image"]),
+            "val_frames": len(val["image"]),
+            "characters": len(table.names),
+            "settings": len(settings),
+            "unseen_val_settings": unseen_val_settings,
+            **{f"val_{k}": v for k, v in figures_val.items()},
+            "bg_f1_average": "macro",
+            "imagenet_weights": None if loaded is None else str(cfg.path(cc.weights)),
+            "train_seconds": round(train_seconds, 2),
+            "train_cpu_seconds": round(train_cpu, 2),  # this process's CPU time: wall time on an idle core
+            "steps_per_s": round(len(losses) / train_seconds, 3) if train_seconds > 0 else None,
+        }
+        figures["seconds"] = round(time.perf_counter() - started, 2)
+        _save_atomically(model, output, figures)
+        figures["seconds"] = round(time.perf_counter() - started, 2)
+        return figures
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+class _EndlessBatches(torch.utils.data.Sampler):
+    """Full batches of indices (BatchNorm wants no stragglers), reshuffled every epoch, forever."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch = n, min(batch_size, n)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        while True:
+            order = torch.randperm(self.n, generator=self.generator).tolist()
+            for i in range(0, self.n - self.batch + 1, self.batch):
+                yield order[i:i + self.batch]
+
+
+def _collate(items):
+    return torch.tensor([i for i, _ in items]), torch.stack([f for _, f in items])
+
+
+def _loader(images: list[bytes], batch_size: int, seed: int, device: torch.device):
+    """Endless (indices, uint8 frames [B, H, W, 3]) batches; PNGs are decoded in worker processes
+    on GPU machines, in-process on CPU."""
+    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return torch.utils.data.DataLoader(
+        _PNGFrames(images), batch_sampler=_EndlessBatches(len(images), batch_size, seed), num_workers=workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+    )
+
+
+def _save_atomically(model: FrameClassifier, output: Path, figures: dict) -> None:
+    """Write to a temp dir beside ``output``, then swap it into place (readers never see half a model)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / TRAINING_NAME).write_text(json.dumps({k: v for k, v in figures.items() if k != "seconds"}, indent=1))
+    if output.exists():
+        os.replace(output, old)
+    os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,82 @@
+"""Scored frames → the figures of one Table-1 row, and the Markdown tables laid out like the
+paper's Table 1 (plus the long-story Char-Acc table)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from storygpt.evaluation.metrics import caption_scores, frechet_distance
+from storygpt.evaluation.scores import character_scores, setting_scores
+
+LABELS = {"char_ldm": "Char-LDM", "storygpt": "StoryGPT-V", "ground_truth": "Ground truth",
+          "most_frequent": "Most frequent (chance)"}
+COLUMNS = [("char_acc", "Char-Acc ↑", "pct"), ("char_f1", "Char-F1 ↑", "pct"), ("bg_acc", "BG-Acc ↑", "pct"),
+           ("bg_f1", "BG-F1 ↑", "pct"), ("fid", "FID ↓", "fid"), ("bleu4", "BLEU4 ↑", "dec"),
+           ("cider", "CIDEr ↑", "dec")]
+DETECTOR_COLUMNS = [("det_char_acc", "Det. Char-Acc ↑", "pct"), ("det_char_f1", "Det. Char-F1 ↑", "pct"),
+                    ("det_bg_acc", "Det. BG-Acc ↑", "pct")]
+
+
+def summarize(frames: list[dict], real_features: np.ndarray | None) -> dict[str, float]:
+    """One row's figures from its scored frames (each: the record's ``characters``, ``setting``,
+    ``caption`` beside the scorer's outputs). ``real_features``: the ground truth's, for FID."""
+    truth = [f["characters"] for f in frames]
+    out = {"frames": len(frames)}
+    out.update(_prefixed("char_", character_scores([f["pred_characters"] for f in frames], truth)))
+    if frames[0]["pred_setting"] is not None:
+        out.update(_prefixed("bg_", setting_scores([f["pred_setting"] for f in frames], [f["setting"] for f in frames])))
+    if frames[0]["detected_characters"] is not None:
+        out.update(_prefixed("det_char_", character_scores([f["detected_characters"] for f in frames], truth)))
+        out["det_bg_acc"] = setting_scores([f["detected_setting"] for f in frames], [f["setting"] for f in frames])["acc"]
+    if real_features is not None:
+        out["fid"] = frechet_distance(real_features, np.stack([f["feature"] for f in frames]))
+    out.update(caption_scores({str(k): [f["caption"]] for k, f in enumerate(frames)},
+                              {str(k): f["generated_caption"] for k, f in enumerate(frames)}))
+    return out
+
+
+def most_frequent(train: list[dict], frames: list[dict]) -> dict[str, float]:
+    """The chance row: every frame given the train split's most frequent character set and setting."""
+    top_set = Counter(tuple(sorted(r["characters"])) for r in train).most_common(1)[0][0]
+    out = _prefixed("char_", character_scores([list(top_set)] * len(frames), [f["characters"] for f in frames]))
+    settings = [r["setting"] for r in train if r["setting"]]
+    if settings:
+        top = Counter(settings).most_common(1)[0][0]
+        out.update(_prefixed("bg_", setting_scores([top] * len(frames), [f["setting"] for f in frames])))
+    return out
+
+
+def markdown(results: dict[str, dict], long_results: dict[str, dict[int, float]], story_frames: int,
+             detector: bool) -> str:
+    """Table 1 (rows: ``method/captions`` keys of ``results``) and, when there are long-story
+    runs, Char-Acc by story length."""
+    columns = COLUMNS + (DETECTOR_COLUMNS if detector else [])
+    lines = ["| Method | Captions | " + " | ".join(c[1] for c in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    for row, figures in results.items():
+        method, _, captions = row.partition("/")
+        cells = [_cell(figures.get(key), kind) for key, _, kind in columns]
+        lines.append(f"| {LABELS.get(method, method)} | {captions or '–'} | " + " | ".join(cells) + " |")
+    if long_results:
+        lengths = sorted({n for by_length in long_results.values() for n in by_length})
+        key = "Det. Char-Acc" if detector else "Char-Acc"
+        lines += ["", f"{key} ↑ by story length (frames; {story_frames} = the test stories):", "",
+                  "| Method | Captions | " + " | ".join(str(n) for n in lengths) + " |",
+                  "|---|---|" + "---:|" * len(lengths)]
+        for row, by_length in long_results.items():
+            method, _, captions = row.partition("/")
+            lines.append(f"| {LABELS.get(method, method)} | {captions} | "
+                         + " | ".join(_cell(by_length.get(n), "pct") for n in lengths) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
+    return {prefix + k: v for k, v in scores.items()}
+
+
+def _cell(value: float | None, kind: str) -> str:
+    if value is None:
+        return "–"
+    return {"pct": f"{100 * value:.2f}", "fid": f"{value:.2f}", "dec": f"{value:.4f}"}[kind]

@@ -1,0 +1,120 @@
+"""`storygpt evaluate`: which stories it draws, the metrics it feeds to torchmetrics and
+pycocoevalcap, the Table-1 layout, and (slow) the whole Ray Data job on the tiny preset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from storygpt.evaluation.metrics import caption_scores, frechet_distance
+from storygpt.evaluation.report import markdown
+from storygpt.evaluation.stories import long_stories, split_stories
+
+
+def _records(stories: int, frames: int, split: str = "test") -> pa.Table:
+    rows = [{"id": f"s{s}f{f}", "story_id": f"s{s}", "frame_index": f, "split": split, "caption": f"c{s}{f}",
+             "referential_caption": f"r{s}{f}", "characters": ["Ada"], "setting": "beach"}
+            for s in range(stories) for f in reversed(range(frames))]  # frames out of order on purpose
+    return pa.Table.from_pylist(rows)
+
+
+def test_split_stories_orders_frames_cuts_and_limits():
+    table = pa.concat_tables([_records(3, 5), _records(2, 5, "train").set_column(
+        1, "story_id", pa.array([f"t{i // 5}" for i in range(10)]))])
+    stories = split_stories(table, "test", frames=4, limit=2)
+    assert [s[0]["story_id"] for s in stories] == ["s0", "s1"]
+    assert [f["frame_index"] for f in stories[0]] == [0, 1, 2, 3]
+    assert split_stories(table, "test", frames=6) == []  # no test story is that long
+
+
+def test_long_stories_chain_consecutive_stories_to_the_exact_length():
+    stories = split_stories(_records(5, 5), "test")
+    chained = long_stories(stories, 10, 3)
+    assert len(chained) == 2 and all(len(s) == 10 for s in chained)  # 25 frames hold two, not three
+    assert [f["id"] for f in chained[0]][4:6] == ["s0f4", "s1f0"]  # story 0 then story 1
+    assert [f["frame_index"] for f in chained[1]] == list(range(10))
+    assert len({f["story_id"] for f in chained[1]}) == 1
+
+
+def test_caption_scores_reward_the_right_caption():
+    refs = {"a": ["Ada and Bruno are in the kitchen."], "b": ["Cleo waves on the beach."]}
+    same = caption_scores(refs, {"a": "ada and bruno are in the kitchen", "b": "Cleo waves on the beach!"})
+    wrong = caption_scores(refs, {"a": "cleo sits in the forest", "b": "bruno eats in the cave"})
+    assert same["bleu4"] == pytest.approx(1.0, abs=1e-6) and wrong["bleu4"] < 0.1
+    assert same["cider"] > 1.0 > wrong["cider"]
+
+
+def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 16))
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    near, far = frechet_distance(real, real + 0.1), frechet_distance(real, real + 1.0)
+    assert 0 < near < far and far == pytest.approx(16.0, rel=0.05)  # |mu1 - mu2|^2 = 16 * 1.0^2
+    with pytest.raises(ValueError, match="FID needs >= 2"):
+        frechet_distance(real[:1], real)
+
+
+def test_table_one_has_the_papers_columns_and_a_long_story_table():
+    figures = {"char_acc": 0.9036, "char_f1": 0.9576, "bg_acc": 0.5836, "bg_f1": 0.6392, "fid": 21.13,
+               "bleu4": 0.526, "cider": 1.8361, "det_char_acc": 0.5}
+    text = markdown({"char_ldm/original": figures, "ground_truth": {"char_acc": 1.0}},
+                    {"storygpt/referential": {5: 0.8, 10: 0.7}}, 5, detector=True)
+    header, _, row, truth, *rest = text.splitlines()
+    assert header.startswith("| Method | Captions | Char-Acc ↑ | Char-F1 ↑ | BG-Acc ↑ | BG-F1 ↑ | FID ↓ | BLEU4 ↑ "
+                             "| CIDEr ↑ | Det. Char-Acc ↑")
+    assert row.startswith("| Char-LDM | original | 90.36 | 95.76 | 58.36 | 63.92 | 21.13 | 0.5260 | 1.8361 | 50.00")
+    assert truth.startswith("| Ground truth | – | 100.00 | – |")
+    assert "| StoryGPT-V | referential | 80.00 | 70.00 |" in rest
+
+
+# ----------------------------------------------------------------------------- the Ray Data job
+@pytest.mark.slow
+def test_evaluate_job_draws_every_row_scores_it_and_writes_table_one(ray_local, records, repo, tiny_work, tmp_path):
+    """Untrained exports, classifier and captioner (the figures mean nothing here; the quickstart's
+    are in the README): the job must draw every story of every row, score ground truth and
+    generated frames alike, and report them in the table, scores.json and MLflow."""
+    import json
+    from pathlib import Path
+
+    import mlflow
+    import torch
+
+    from ray_jobs.evaluate import evaluate
+    from ray_jobs.tracking import tracking_uri
+    from storygpt.aligner.model import StoryAligner
+    from storygpt.char_ldm.model import CharLDM
+    from storygpt.config import load_config
+    from storygpt.data.characters import get_table
+    from storygpt.evaluation.captioner import build_tiny_captioner
+    from storygpt.evaluation.classifier import FrameClassifier
+
+    zoo, work = tiny_work / "zoo", tmp_path / "work"
+    cfg = load_config(repo / "configs" / "tiny.yaml", [
+        f"work_dir={work}", f"preprocess.output={records}", f"models.lm={zoo / 'opt'}", "evaluate.sample_steps=2",
+        "evaluate.long_story_frames=[6]", "evaluate.long_stories=1", "evaluate.captioner.max_new_tokens=4",
+        *[f"models.{p}={zoo / p}" for p in ("clip_text", "clip_vision", "vae", "unet", "scheduler")]])
+    torch.manual_seed(0)
+    CharLDM.from_config(cfg).save_trained(work / "char_ldm" / "char_ldm-1")
+    StoryAligner.from_config(cfg).save_trained(work / "aligner" / "aligner-1")
+    FrameClassifier(get_table("world").names, ["beach", "forest"], image_size=75).save_pretrained(work / "classifier")
+    build_tiny_captioner(cfg.resolved(), work / "captioner")
+
+    out = evaluate(cfg)
+    assert json.loads((Path(out["output"]) / "scores.json").read_text())["results"] == out["results"]
+    stories, frames = out["stories"], out["story_frames"]
+    assert stories >= 1 and out["long_story_frames"] == [6]
+    for row in cfg.evaluate.rows:  # every story of every row drawn, saved, scored
+        saved = list((work / "evaluation").glob(f"*/frames/{row.replace('/', '-')}/{frames}/*.png"))
+        assert len(saved) == stories * frames
+        assert out["results"][row]["frames"] == stories * frames and "fid" in out["results"][row]
+        assert 0 <= out["results"][row]["det_char_acc"] <= 1 and "6" in out["long_results"][row]
+    truth = out["results"]["ground_truth"]
+    assert truth["det_char_acc"] >= 0.9 and truth["det_bg_acc"] >= 0.9  # the exact detector on real frames
+    assert truth["frames"] >= stories * frames
+    table = (work / "evaluation").glob("*/table.md").__next__().read_text()
+    assert "| StoryGPT-V | referential |" in table and "| Ground truth |" in table and "by story length" in table
+    mlflow.set_tracking_uri(tracking_uri(cfg.resolved()))
+    metrics = mlflow.get_run(out["run_id"]).data.metrics
+    assert metrics["storygpt.referential.char_acc"] == pytest.approx(out["results"]["storygpt/referential"]["char_acc"])
+    assert metrics["ground_truth.det_char_acc"] == pytest.approx(truth["det_char_acc"])
