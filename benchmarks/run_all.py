@@ -1,5 +1,6 @@
 """`make bench`: run every benchmark module, collect each one's last-line JSON into
-benchmarks/results/<date>-<host>.json. Pass --quick through for a short run."""
+benchmarks/results/<date>-<host>.json, and write its Markdown summary beside it (.md).
+Pass --quick through for a short run."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.report import render
+
 HERE = Path(__file__).resolve().parent
-NOT_BENCHMARKS = {"__init__", "common", "run_all"}
+NOT_BENCHMARKS = {"__init__", "common", "report", "run_all"}
 
 
 def main() -> int:
@@ -32,7 +35,9 @@ def main() -> int:
     out = HERE / "results" / f"{datetime.date.today()}-{platform.node()}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    summary = out.with_suffix(".md")
+    summary.write_text(render(results, f"Benchmarks {out.stem}" + (" (--quick)" if quick else "")))
+    print(f"wrote {out} and {summary}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
