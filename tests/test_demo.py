@@ -10,13 +10,17 @@ def test_demo_runs_the_whole_pipeline_and_says_what_it_did(tmp_path, repo):
     """The quickstart end to end on a 12-story world, with short schedules (CI time)."""
     work = tmp_path / "demo"
     short = ["data.world.stories=12", "char_ldm.max_steps=6", "char_ldm.sample_every=6", "char_ldm.log_every=2",
-             "aligner.max_steps=6", "aligner.log_every=2", "train.checkpoint_every=6", "char_ldm.sample_steps=2"]
+             "aligner.max_steps=6", "aligner.log_every=2", "train.checkpoint_every=6", "char_ldm.sample_steps=2",
+             "evaluate.classifier.max_steps=2", "evaluate.captioner.max_steps=2", "evaluate.sample_steps=2"]
     out = subprocess.run(
         [sys.executable, "-m", "storygpt.cli", "demo", "--work-dir", str(work), *[a for o in short for a in ("--set", o)]],
         cwd=repo, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "[8/8] serve, and draw a story over HTTP (Ray Serve)" in out.stdout and "demo finished" in out.stdout
+    assert "[11/11] serve, and draw a story over HTTP (Ray Serve)" in out.stdout and "demo finished" in out.stdout
+    tables = list((work / "evaluation").glob("*/table.md"))
+    assert len(tables) == 1 and "| StoryGPT-V | referential |" in tables[0].read_text()
+    assert tables[0].read_text().splitlines()[0] in out.stdout  # the table is printed too
     grid = work / "story" / "story.png"
     assert f"story:    {grid}" in out.stdout
     from PIL import Image
