@@ -42,11 +42,10 @@ def run(args) -> int:
 
 def preprocess(cfg: StoryConfig) -> dict:
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
 
     from preprocessing.pipeline import build
-    from preprocessing.writer import atomic_write_bytes, resume_state
+    from preprocessing.writer import atomic_parquet, atomic_write_bytes, resume_state
     from storygpt.data import prepare
     from storygpt.data.characters import get_table
     from storygpt.data.record_schema import ERRORS, read_table
@@ -70,7 +69,7 @@ def preprocess(cfg: StoryConfig) -> dict:
         read_errors += [{"id": s.id, "story_id": s.id, "stage": "read", "reason": f"{s.file}: {s.reason}",
                          "dropped": "story"} for s in report.skipped]
     (output / "errors").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(read_errors, ERRORS), output / "errors" / "read.parquet")
+    atomic_parquet(pa.Table.from_pylist(read_errors, ERRORS), output / "errors" / "read.parquet")
     done, earlier = resume_state(output)
     todo = [r for r in rows if r["id"] not in done]
     read_s = time.perf_counter() - started

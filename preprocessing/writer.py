@@ -30,7 +30,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
+def atomic_parquet(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -40,7 +40,7 @@ def write_part(output: Path, ids: list[str], records: pa.Table, errors: pa.Table
     name = part_name(ids)
     for kind, table in zip(KINDS, (records, errors)):
         (output / kind).mkdir(parents=True, exist_ok=True)
-        _atomic_parquet(table, output / kind / f"{name}.parquet")
+        atomic_parquet(table, output / kind / f"{name}.parquet")
     (output / "done").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(output / "done" / f"{name}.json", json.dumps({"ids": ids, **stats}).encode())
     return name
@@ -79,4 +79,4 @@ def require_same_settings(path: Path, settings: dict, key: str, what: str, remed
                               f"({', '.join(changed)}); {remedy}")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
+    atomic_write_bytes(path, json.dumps(settings, indent=1).encode())  # a torn file would refuse every re-run

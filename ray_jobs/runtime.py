@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -163,14 +166,53 @@ def start_engine(cfg: StoryConfig, model: torch.nn.Module, stage, world_size: in
 
 def report_checkpoint(engine, optimizer, step: int, tracker, metrics: dict, state: dict, restored: dict, dist) -> None:
     """Every rank saves its shard and reports it to Ray Train (a barrier); then the buffered
-    metrics it covers are committed to MLflow, so a resumed run never logs a step twice."""
+    metrics it covers are committed to MLflow. The checkpoint carries those metrics too, and
+    :func:`resume_metrics` reconciles them with MLflow on a restart, so a step is logged once
+    wherever a worker dies (before or after Ray Train registered the checkpoint)."""
     import ray.train
 
+    resume_metrics(tracker, state)
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, optimizer_digest(optimizer))
-    checkpoint = save_checkpoint(engine, step, {"mlflow_run_id": tracker.run_id, "optimizer_digests": digests})
+    covered = [[s, m] for s, m in tracker.pending]  # rank 0's metrics since the last checkpoint
+    checkpoint = save_checkpoint(engine, step, {"mlflow_run_id": tracker.run_id, "optimizer_digests": digests,
+                                                "metrics": covered})
     report = {**metrics, "global_step": step, "resumed_from_step": state.get("global_step", 0), **restored}
     ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
+    _commit_new(tracker)
+
+
+def resume_metrics(tracker, state: dict) -> None:
+    """Once per attempt, on rank 0 of a resumed run: make MLflow hold each step once.
+
+    Ray Train registers a checkpoint only once every rank's report reached the controller, a
+    moment rank 0 does not wait for, so a worker can die on either side of it:
+    after rank 0 committed a checkpoint's metrics but before the checkpoint was registered (the
+    restart re-runs those steps: they must not be logged again), or after it was registered
+    but before rank 0 committed (they must be logged now: the checkpoint carries them).
+    """
+    if not tracker.active or tracker.logged_through is not None:
+        return
+    tracker.logged_through = _last_logged_step(tracker) if state else 0
+    new, tracker.pending = tracker.pending, [(int(s), m) for s, m in state.get("metrics", [])]
+    _commit_new(tracker)  # what the checkpoint covers and MLflow lacks
+    tracker.pending = new  # this attempt's: committed with the next checkpoint, as always
+
+
+def _last_logged_step(tracker) -> int:
+    client = tracker.mlflow.MlflowClient()
+    keys = client.get_run(tracker.run_id).data.metrics
+    return max((m.step for key in keys for m in client.get_metric_history(tracker.run_id, key)), default=0)
+
+
+def _commit_new(tracker) -> None:
+    """Commit the buffered metrics of steps MLflow does not hold yet (rank 0; others: no-op)."""
+    if not tracker.active:
+        return
+    through = tracker.logged_through or 0
+    tracker.pending = [(s, m) for s, m in tracker.pending if s > through]
+    if tracker.pending:
+        tracker.logged_through = max(s for s, _ in tracker.pending)
     tracker.commit()
 
 
@@ -203,6 +245,23 @@ def export_trained(engine, cfg: StoryConfig, stage: str, run: str, rank: int, tr
     export = Path(cfg.work_dir) / stage / run
     with full_parameters(engine.module, cfg.train.zero_stage):
         if rank == 0:
-            engine.module.save_trained(export)
+            _atomic_dir(export, engine.module.save_trained)
             tracker.artifacts(export, stage)
             tracker.register(stage, f"{cfg.mlflow.experiment}-{stage.replace('_', '-')}")
+
+
+def _atomic_dir(target: Path, write) -> None:
+    """``write(dir)`` into a staging dir beside ``target``'s parent, then rename it into place: the
+    latest export (``storygpt.models.trained.trained_dir``) is never a half-written one. A
+    re-export (a worker restarted after the last checkpoint) replaces the old one whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    staging = target.parent.parent / f".{target.parent.name}-{target.name}.{tag}.partial"
+    write(staging)
+    if target.exists():
+        old = staging.with_suffix(".old")
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)

@@ -23,6 +23,7 @@ def tracking_uri(cfg: StoryConfig) -> str:
 class Tracker:
     def __init__(self, cfg: StoryConfig, run_name: str, run_id: str | None, active: bool):
         self.active, self.pending, self.run_id = active, [], run_id
+        self.logged_through: int | None = None  # the last step MLflow holds (runtime.resume_metrics)
         if not active:
             return
         import mlflow

@@ -97,7 +97,7 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, start_engine
+    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, resume_metrics, start_engine
     from ray_jobs.tracking import Tracker
     from storygpt.aligner.data import collate
     from storygpt.aligner.model import StoryAligner
@@ -112,6 +112,7 @@ def train_loop(config: dict) -> None:
     engine, optimizer, scheduler, state, restored = start_engine(cfg, aligner, stage, world, rank)
     step = engine.global_steps
     tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
+    resume_metrics(tracker, state)  # a restart: each step in MLflow once (see runtime.resume_metrics)
     evaluation, centroids = ray.get(config["evaluation"]), ray.get(config["centroids"])
     shard = ray.train.get_dataset_shard("train")
     micro = engine.train_micro_batch_size_per_gpu()

@@ -54,7 +54,7 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, start_engine
+    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, resume_metrics, start_engine
     from ray_jobs.tracking import Tracker
     from storygpt.char_ldm.data import collate
     from storygpt.char_ldm.model import CharLDM
@@ -69,6 +69,7 @@ def train_loop(config: dict) -> None:
     engine, optimizer, scheduler, state, restored = start_engine(cfg, model, ldm, world, rank)
     step = engine.global_steps
     tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
+    resume_metrics(tracker, state)  # a restart: each step in MLflow once (see runtime.resume_metrics)
     generator = torch.Generator().manual_seed(cfg.seed * 10_007 + rank * 101 + step)  # resumes draw new noise
     shard = ray.train.get_dataset_shard("train")
     micro = engine.train_micro_batch_size_per_gpu()

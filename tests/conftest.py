@@ -30,15 +30,26 @@ def world_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the session, its state in a short temp dir (socket paths are limited)."""
+def start_local_ray():
+    """The session's local Ray, its state in a short temp dir (socket paths are limited).
+    Also what a module that needs its own Ray (tests/test_fault_tolerance.py: a multi-node
+    cluster) calls to put ``ray_local``'s Ray back when it is done."""
     import tempfile
 
     import ray
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (a module may swap it for its own meanwhile: it restores it)."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray()
     yield ray
     ray.shutdown()
 
