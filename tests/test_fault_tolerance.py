@@ -175,7 +175,9 @@ def cluster_records(cluster, tiny_work, repo, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- 1. training worker killed
 def _train_cfg(repo, tiny_work, work, max_steps: int):
     settings = {f"models.{p}": tiny_work / "zoo" / p for p in PARTS}
-    settings.update({"work_dir": work, "char_ldm.batch_size": 4, "char_ldm.learning_rate": 1e-3,
+    # the run's own MLflow db, whatever MLFLOW_TRACKING_URI an earlier in-process run exported
+    settings.update({"mlflow.tracking_uri": f"sqlite:///{Path(work).resolve()}/mlflow.db", "work_dir": work,
+                     "char_ldm.batch_size": 4, "char_ldm.learning_rate": 1e-3,
                      "char_ldm.warmup_steps": 2, "char_ldm.log_every": 2, "char_ldm.sample_every": 1000,
                      "char_ldm.max_steps": max_steps, "train.checkpoint_every": 4, "train.max_failures": 1})
     return _tiny(repo, *[f"{k}={v}" for k, v in settings.items()]).resolved()

@@ -36,7 +36,8 @@ def _cfg(repo, tiny_work, work, targets, **values):
     return load_config(repo / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in settings.items()]).resolved()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 here (CI time): ZeRO-2 Stage-2 runs end to end in test_demo
+@pytest.mark.parametrize("stage", [3])
 def test_two_workers_train_the_aligner_under_zero_and_track_in_mlflow(ray_local, targets, tiny_work, repo,
                                                                       tmp_path, stage):
     import mlflow

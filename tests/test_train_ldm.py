@@ -36,7 +36,8 @@ def _history(cfg, key):
     return client, run, sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 here (CI time): ZeRO-2 Stage-1 runs end to end in test_fault_tolerance (worker killed), test_job_submit and test_demo
+@pytest.mark.parametrize("stage", [3])
 def test_two_workers_train_under_zero_and_track_in_mlflow(ray_local, records, tiny_work, repo, tmp_path, stage):
     from ray_jobs.train_ldm import fit
 
