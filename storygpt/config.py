@@ -369,9 +369,8 @@ class StoryConfig(Section):
         data["evaluate"]["output"] = absolute(self.evaluate.output)
         data["evaluate"]["classifier"]["output"] = absolute(self.evaluate.classifier.output)
         data["evaluate"]["captioner"]["model"] = absolute(self.evaluate.captioner.model)
-        for key in ("fid_weights",):
-            if self.evaluate.fid_weights:
-                data["evaluate"][key] = absolute(self.evaluate.fid_weights)
+        if self.evaluate.fid_weights:
+            data["evaluate"]["fid_weights"] = absolute(self.evaluate.fid_weights)
         if self.evaluate.classifier.weights:
             data["evaluate"]["classifier"]["weights"] = absolute(self.evaluate.classifier.weights)
         data["train"]["deepspeed_config"] = absolute(self.deepspeed_config_path())
