@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from storygpt.world.cast import EYE_COLOUR, LOOKS, Setting
+from storygpt.world.cast import EYE_COLOUR, LOOKS, SETTINGS, Setting
+from storygpt.world.stories import place_characters
 
 Placement = tuple[int, int, int]  # centre x, centre y, size (px)
 
@@ -107,3 +108,21 @@ def render_reference(name: str, size: int) -> np.ndarray:
     image = np.full((size, size, 3), 128, dtype=np.uint8)
     paint_character(image, name, size // 2, size // 2, size * 5 // 8, free=np.ones((size, size), bool))
     return image
+
+
+def random_frame(
+    rng: np.random.Generator, size: int, include: str | None = None, max_characters: int = 3
+) -> tuple[RenderedFrame, list[str]]:
+    """A random setting with 0..``max_characters`` random characters (always ``include`` when
+    given), placed as the world's stories place them, without planning a story: frames for
+    pretraining the tiny zoo's VAE and testing it. Returns the frame and its cast, in drawing order."""
+    setting = SETTINGS[int(rng.integers(len(SETTINGS)))]
+    names = list(LOOKS)
+    if include is None:
+        cast = [str(n) for n in rng.choice(names, size=int(rng.integers(0, max_characters + 1)), replace=False)]
+    else:
+        others = [n for n in names if n != include]
+        cast = [str(n) for n in rng.choice(others, size=int(rng.integers(0, max_characters)), replace=False)]
+        cast.insert(int(rng.integers(len(cast) + 1)), include)
+    places = place_characters(len(cast), size, setting.horizon, rng)
+    return render_frame(setting, cast, places, size), cast
