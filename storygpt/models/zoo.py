@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from storygpt.config import TinyZooConfig
+from storygpt.models import build_cache
 from storygpt.models.sam import SamArchitecture, build_sam, save_sam
 from storygpt.models.tokenizers import (
     CLIP_LENGTH,
@@ -88,17 +89,33 @@ def build_tiny_zoo(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"zoo": zoo.model_dump(), "corpus": stories, "seed": seed, "versions": _library_versions()}
     parts = {}
     for part, build in builders.items():
         torch.manual_seed(seed)  # per part, so one part's weights do not depend on the others
         staging = out_dir / f".{part}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        build(staging)
+        key = build_cache.part_key(part, inputs, _BUILD_SOURCES)
+        if not build_cache.fetch(key, staging):
+            build(staging)
+            build_cache.store(key, staging)
         final = out_dir / part
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         parts[part] = final
     return parts
+
+
+# What a part's bytes depend on besides the inputs: the code that builds and pretrains it.
+_BUILD_SOURCES = [Path(__file__), *(Path(__file__).with_name(f) for f in ("tokenizers.py", "sam.py")),
+                  *(Path(__file__).parents[1] / "world" / f for f in ("cast.py", "render.py"))]
+
+
+def _library_versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
 def _clip_text(zoo: TinyZooConfig, corpus: list[str], out: Path) -> None:
