@@ -69,7 +69,9 @@ class CharLDMDeployment:
         return await self._draw_batch((conditioning, seed, steps, guidance))
 
     def stats(self) -> dict:
-        return {"batch_sizes": dict(sorted(self.batch_sizes.items()))}
+        """This replica's UNet batch sizes so far (a handle call reaches one replica of several)."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "batch_sizes": dict(sorted(self.batch_sizes.items()))}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # replaced from config in __init__
     async def _draw_batch(self, requests: list[tuple]) -> list[np.ndarray]:

@@ -440,8 +440,9 @@ def test_serve_replica_killed_is_replaced_and_stories_are_served_again(cluster, 
         r = requests.post(url + "/v1/stories", json=story, timeout=120)
         assert r.status_code == 200 and len(r.json()["frames"]) == 2, r.text
         replicas = [a for a in _actors(cluster, class_name="ServeReplica:storygpt:CharLDM", state="ALIVE") if a.pid]
-        assert len(replicas) == 1
-        _kill(replicas[0], "ServeReplica:storygpt:CharLDM")
+        assert len(replicas) == cfg.serve.char_ldm.min_replicas
+        for replica in replicas:  # all of them: no replica left to route to until Serve replaces them
+            _kill(replica, "ServeReplica:storygpt:CharLDM")
 
         failures = []
 
@@ -462,7 +463,9 @@ def test_serve_replica_killed_is_replaced_and_stories_are_served_again(cluster, 
             raise AssertionError(f"{err}; last failures: {failures[-5:]}") from None
         assert reply.json()["frames"][1]["caption"] == story["captions"][1]
         new = [a for a in _actors(cluster, class_name="ServeReplica:storygpt:CharLDM", state="ALIVE") if a.pid]
-        assert len(new) == 1 and new[0].actor_id != replicas[0].actor_id and new[0].pid != replicas[0].pid
+        assert len(new) == len(replicas)
+        assert not {a.actor_id for a in new} & {a.actor_id for a in replicas}
+        assert not {a.pid for a in new} & {a.pid for a in replicas}
         assert requests.get(url + "/healthz", timeout=10).status_code == 200
     finally:
         serve.shutdown()
