@@ -16,7 +16,6 @@ replicas x batching (a tiny UNet on one core is compute-bound: batching alone ga
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import tempfile

@@ -8,15 +8,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
+from storygpt.atomic import replace_dir
 from storygpt.config import ConfigError, StoryConfig
 
 CLIENT_STATE = "client_state.json"
@@ -245,23 +243,6 @@ def export_trained(engine, cfg: StoryConfig, stage: str, run: str, rank: int, tr
     export = Path(cfg.work_dir) / stage / run
     with full_parameters(engine.module, cfg.train.zero_stage):
         if rank == 0:
-            _atomic_dir(export, engine.module.save_trained)
+            replace_dir(export, engine.module.save_trained)  # never a half-written latest export
             tracker.artifacts(export, stage)
             tracker.register(stage, f"{cfg.mlflow.experiment}-{stage.replace('_', '-')}")
-
-
-def _atomic_dir(target: Path, write) -> None:
-    """``write(dir)`` into a staging dir beside ``target``'s parent, then rename it into place: the
-    latest export (``storygpt.models.trained.trained_dir``) is never a half-written one. A
-    re-export (a worker restarted after the last checkpoint) replaces the old one whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    staging = target.parent.parent / f".{target.parent.name}-{target.name}.{tag}.partial"
-    write(staging)
-    if target.exists():
-        old = staging.with_suffix(".old")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from storygpt.atomic import replace_dir
 from storygpt.config import ConfigError, StoryConfig
 
 log = logging.getLogger(__name__)
@@ -413,18 +412,11 @@ def _decoded(cache: dict[int, np.ndarray], frames: list[bytes], i: int, decode) 
 
 
 def _save_atomically(directory: Path, model, processor, files: dict[str, str] | None = None) -> None:
-    """save_pretrained (+ ``files``: name -> text) into a sibling temp dir, then swap it in: a
-    crash leaves the old directory, or none, never a half-written one."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    for name, text in (files or {}).items():
-        (staging / name).write_text(text)
-    if directory.exists():
-        directory.rename(old)
-    staging.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    """save_pretrained (+ ``files``: name -> text), swapped in whole (:func:`replace_dir`)."""
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
+
+    replace_dir(directory, write)

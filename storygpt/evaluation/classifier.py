@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storygpt.atomic import replace_dir
 from storygpt.config import ConfigError, StoryConfig
 from storygpt.evaluation.scores import character_scores, setting_scores
 
@@ -433,14 +433,9 @@ def _loader(images: list[bytes], batch_size: int, seed: int, device: torch.devic
 
 
 def _save_atomically(model: FrameClassifier, output: Path, figures: dict) -> None:
-    """Write to a temp dir beside ``output``, then swap it into place (readers never see half a model)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / TRAINING_NAME).write_text(json.dumps({k: v for k, v in figures.items() if k != "seconds"}, indent=1))
-    if output.exists():
-        os.replace(output, old)
-    os.replace(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
+    """The weights and the training figures, swapped in whole (:func:`replace_dir`)."""
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        (staging / TRAINING_NAME).write_text(json.dumps({k: v for k, v in figures.items() if k != "seconds"}, indent=1))
+
+    replace_dir(output, write)

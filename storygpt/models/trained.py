@@ -24,7 +24,7 @@ def trained_dir(cfg: StoryConfig, stage: Stage, given: str | Path | None = None)
         if not path.is_dir():
             raise ConfigError(f"{key}: expected a trained {stage} directory, got '{path}'")
         return path
-    exports = sorted(p for p in (Path(cfg.work_dir) / stage).glob("*") if p.is_dir())
+    exports = sorted(p for p in (Path(cfg.work_dir) / stage).glob("*") if p.is_dir() and not p.name.startswith("."))
     if not exports:
         raise ConfigError(f"{key}: not set and no export under '{Path(cfg.work_dir) / stage}' "
                           f"(run `{TRAINED_BY[stage]}` first, or set {key}=DIR)")

@@ -9,7 +9,6 @@ Llama-2, SAM, LDM 4x super-resolution) with the sizes of :class:`TinyZooConfig`.
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +38,7 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from storygpt.atomic import replace_dir
 from storygpt.config import TinyZooConfig
 from storygpt.models import build_cache
 from storygpt.models.sam import SamArchitecture, build_sam, save_sam
@@ -92,17 +92,15 @@ def build_tiny_zoo(
     inputs = {"zoo": zoo.model_dump(), "corpus": stories, "seed": seed, "versions": _library_versions()}
     parts = {}
     for part, build in builders.items():
-        torch.manual_seed(seed)  # per part, so one part's weights do not depend on the others
-        staging = out_dir / f".{part}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
         key = build_cache.part_key(part, inputs, _BUILD_SOURCES)
-        if not build_cache.fetch(key, staging):
-            build(staging)
-            build_cache.store(key, staging)
-        final = out_dir / part
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        parts[part] = final
+
+        def fetch_or_build(staging: Path, key=key, build=build) -> None:
+            if not build_cache.fetch(key, staging):
+                torch.manual_seed(seed)  # per part, so one part's weights do not depend on the others
+                build(staging)
+                build_cache.store(key, staging)
+
+        parts[part] = replace_dir(out_dir / part, fetch_or_build)
     return parts
 
 
