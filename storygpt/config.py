@@ -164,6 +164,7 @@ class CharLDMConfig(Section):
     max_steps: int = Field(gt=0)
     mixed_precision: Literal["no", "bf16"]
     prediction_type: Literal["epsilon"]
+    snr_gamma: float | None = Field(gt=0, description="Min-SNR-gamma loss weighting; null: plain MSE (the paper)")
     sample_steps: int = Field(gt=0)
     guidance_scale: float = Field(ge=1)
     sampler: Literal["ddim", "pndm"]

@@ -16,7 +16,7 @@ from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
 from storygpt.char_ldm.model import CharLDM
 from storygpt.char_ldm.pipeline import CharLDMPipeline
-from storygpt.char_ldm.training import warmup_lambda
+from storygpt.char_ldm.training import min_snr_weights, noise_loss, warmup_lambda
 from storygpt.config import load_config
 from storygpt.data.record_schema import decode_png
 from storygpt.models.loading import load_unet
@@ -261,6 +261,30 @@ def test_training_step_reports_its_losses(model, batch, cfg):
         model.supervise_attention = True
     assert off["lreg"] == 0 and off["attn_in_mask_ratio"].isnan()
     assert off["noise_loss"].item() == pytest.approx(out["noise_loss"].item(), rel=1e-4)
+
+
+def test_min_snr_weights_follow_the_snr_and_weight_each_sample(model):
+    scheduler = model.noise_scheduler
+    t = torch.tensor([0, 300, 999])
+    weights = min_snr_weights(scheduler, t, 5.0)
+    alphas = scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    assert torch.allclose(weights, torch.clamp(snr, max=5.0) / snr)
+    assert weights[0] < 0.01 and weights[2] == 1  # nearly clean: down-weighted; pure noise: as before
+    pred, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    assert torch.allclose(noise_loss(pred, target, torch.ones(3)), noise_loss(pred, target))
+    assert torch.allclose(noise_loss(pred, target, weights), (((pred - target) ** 2).mean((1, 2, 3)) * weights).mean())
+
+
+def test_snr_gamma_from_the_config_reweights_the_training_loss(model, batch, cfg):
+    plain = model(batch, torch.Generator().manual_seed(0))["noise_loss"]
+    # gamma below almost every step's SNR (SD-1.5's runs 0.005..580): nearly every weight < 1
+    model.config = cfg.char_ldm.model_copy(update={"snr_gamma": 0.01})
+    try:
+        weighted = model(batch, torch.Generator().manual_seed(0))["noise_loss"]
+    finally:
+        model.config = cfg.char_ldm
+    assert weighted < 0.9 * plain  # same draws, the same errors, weighted
 
 
 def test_every_trainable_parameter_gets_a_gradient_even_with_nothing_to_fuse(model, batch):

@@ -28,7 +28,7 @@ from storygpt.char_ldm.encoders import (
 )
 from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
-from storygpt.char_ldm.training import noise_loss
+from storygpt.char_ldm.training import min_snr_weights, noise_loss
 from storygpt.config import CharLDMConfig, StoryConfig
 from storygpt.models.loading import load_clip_text, load_clip_vision, load_scheduler, load_unet, load_vae
 
@@ -144,7 +144,8 @@ class CharLDM(nn.Module):
                                                batch["char_token_idx"], batch["char_valid"])
             pred = self.unet(noisy, timesteps, conditioning).sample
             maps = store.maps
-        denoise = noise_loss(pred, noise)
+        weights = None if cfg.snr_gamma is None else min_snr_weights(self.noise_scheduler, timesteps, cfg.snr_gamma)
+        denoise = noise_loss(pred, noise, weights)
         if capture:
             inside, outside = mask_attention(maps, batch["char_token_idx"], batch["char_masks"])
             lreg = lreg_loss(inside, outside, supervised)

@@ -6,11 +6,24 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 
-def noise_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The diffusion objective: MSE between predicted and true ε, in fp32 whatever the autocast."""
-    return F.mse_loss(pred.float(), target.float())
+def noise_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The diffusion objective: MSE between predicted and true ε, in fp32 whatever the autocast;
+    ``weights``: one per sample (:func:`min_snr_weights`), else every sample counts the same."""
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weights).mean()
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ for ε-prediction (Hang et al., 2023; diffusers' ``train_text_to_image --snr_gamma``):
+    min(SNR(t), γ) / SNR(t). Low-noise steps, which only sharpen detail, stop dominating the
+    gradient, so layout and colour (the high-noise steps) are learned sooner."""
+    snr = compute_snr(scheduler, timesteps)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
