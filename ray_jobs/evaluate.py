@@ -47,6 +47,8 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
              aligner: str | Path | None = None) -> dict:
     import ray
 
+    from storygpt.char_ldm.references import train_reference_crops
+    from storygpt.data.characters import get_table
     from storygpt.data.record_schema import read_table
     from storygpt.evaluation.report import markdown, most_frequent, summarize
     from storygpt.evaluation.stories import FRAME_FIELDS, long_stories, split_stories
@@ -73,7 +75,8 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
     char_ldm_dir = trained_dir(cfg, "char_ldm", char_ldm)
     needs_aligner = any(r.startswith("storygpt/") for r in ev.rows)
     aligner_dir = trained_dir(cfg, "aligner", aligner) if needs_aligner else None
-    references = _reference_crops(cfg, records_dir)
+    crops = train_reference_crops(records_dir, get_table(cfg.data.dataset).names, cfg.seed)
+    references = {name: crop.tolist() for name, crop in crops.items()}
 
     tasks = [{"row": row, "length": n, "story_id": story[0]["story_id"], "seed": cfg.seed + 1000 * k,
               "frames": json.dumps(story)}
@@ -204,25 +207,6 @@ class ScoreFrames:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _reference_crops(cfg: StoryConfig, records_dir: Path) -> dict[str, list]:
-    """One crop per character from the train split (as training fuses them), for the Char-LDM rows."""
-    import pyarrow.dataset as pads
-
-    from storygpt.char_ldm.logging_images import reference_crops
-    from storygpt.data.characters import get_table
-
-    wanted = set(get_table(cfg.data.dataset).names)
-    crops: dict = {}
-    scanner = pads.dataset(str(records_dir / "records"), format="parquet").scanner(
-        columns=["image", "characters", "boxes", "masks"], filter=pads.field("split") == "train")
-    for batch in scanner.to_batches():
-        for name, crop in reference_crops(batch.to_pylist(), cfg.seed).items():
-            crops.setdefault(name, crop)
-        if wanted <= crops.keys():
-            break
-    return {k: v.tolist() for k, v in crops.items()}
-
-
 def _track(cfg: StoryConfig, output: Path, results: dict, long_results: dict) -> str | None:
     from ray_jobs.tracking import Tracker
 

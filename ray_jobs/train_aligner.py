@@ -7,8 +7,9 @@ captions, CLIP frame features and fused embeddings, never the UNet.
 
 Examples: every story prefix ``(I_1, S_1, …, S_n, [IMG])`` with the *referential* captions as
 input and frame n's fused embedding of the *original* caption as the target. Reference accuracy
-is measured on held-out pronoun frames (the val split) against the train split's per-character-
-set centroids.
+(``storygpt.aligner.metrics``) is measured on held-out pronoun frames (the val split) against
+candidate casts of each frame's own caption, fused once before training by a Ray task with the
+Char-LDM's encoders (the UNet is not loaded).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     import ray
 
     from ray_jobs.runtime import fit_trainer, run_name
-    from storygpt.char_ldm.targets import targets_table_dir
+    from storygpt.char_ldm.targets import read_target_info, targets_table_dir
 
+    output = targets or cfg.precompute.output
     try:
-        table_dir = targets_table_dir(targets or cfg.precompute.output)
+        table_dir = targets_table_dir(output)
     except FileNotFoundError as err:
         raise ConfigError(f"precompute.output: {err}") from None
     cfg.require_dir("models.lm")
@@ -56,8 +58,8 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     train = _examples(frames.filter(lambda row: row["split"] == "train"))
     held_out = _examples(frames.filter(lambda row: row["split"] == "val")).filter(lambda row: row["pronoun"])
     evaluation = held_out.take(cfg.aligner.eval_frames)
-    centroids = _centroids(frames.filter(lambda row: row["split"] == "train"))
-    loop_config = {"evaluation": ray.put(evaluation), "centroids": ray.put(centroids)}
+    candidates = _candidates(cfg, read_target_info(output), evaluation)
+    loop_config = {"evaluation": ray.put(evaluation), "candidates": ray.put(candidates)}
     summary = fit_trainer(cfg, train_loop, loop_config, name, {"train": train})
     return {**summary, "eval_frames": len(evaluation)}
 
@@ -74,20 +76,41 @@ def _examples(frames):
     return frames.groupby("story_id").map_groups(per_story, batch_format="pyarrow")
 
 
-def _centroids(frames) -> dict:
-    """Mean fused embedding per character set over the train split, streamed batch by batch."""
-    import numpy as np
+def _candidates(cfg: StoryConfig, info: dict, evaluation: list[dict]) -> list:
+    """Per held-out frame, the fused embeddings of its candidate casts (right cast first), as
+    (K, L*d) float32 arrays: one Ray task that loads the Char-LDM's encoders the targets were
+    made with and the train split's reference crops, before any training worker starts."""
+    import ray
 
-    sums: dict[tuple[str, ...], list] = {}
-    for batch in frames.iter_batches(batch_size=256, batch_format="pyarrow"):
-        for row in batch.select(["characters", "fused"]).to_pylist():
-            key = tuple(sorted(row["characters"]))
-            entry = sums.setdefault(key, [0.0, 0])
-            entry[0] = entry[0] + np.asarray(row["fused"], dtype=np.float64)
-            entry[1] += 1
-    if not sums:
-        raise ConfigError("precompute.output: no train-split targets (run `storygpt precompute` first)")
-    return {key: (total / count).astype(np.float32) for key, (total, count) in sums.items()}
+    if not evaluation:
+        return []
+    pool = cfg.precompute.pool
+    task = ray.remote(num_cpus=min(1.0, pool.num_cpus), num_gpus=pool.num_gpus)(_fuse_candidates)
+    frames = [(str(e["caption"]), [str(c) for c in e["characters"]]) for e in evaluation]
+    return ray.get(task.remote(cfg.resolved().model_dump(mode="json"), info["char_ldm"], info["records"], frames))
+
+
+def _fuse_candidates(cfg: dict, char_ldm: str, records: str, frames: list[tuple[str, list[str]]]) -> list:
+    import torch
+
+    from storygpt.aligner.metrics import candidate_casts
+    from storygpt.char_ldm.references import train_reference_crops
+    from storygpt.char_ldm.targets import StageTwoTargets
+    from storygpt.data.characters import get_table
+
+    config = StoryConfig.model_validate(cfg)
+    torch.set_num_threads(1)
+    device = "cuda" if torch.cuda.is_available() and config.precompute.pool.num_gpus > 0 else "cpu"
+    encoder = StageTwoTargets(config, char_ldm, device=device)
+    table = get_table(config.data.dataset)
+    references = train_reference_crops(Path(records), table.names, config.seed)
+    cast = sorted(references)  # swaps need a look to fuse
+    out = []
+    for caption, characters in frames:
+        casts = candidate_casts(caption, characters, cast, table)
+        fused = encoder.encode_named([c for c, _ in casts], [n for _, n in casts], references, table)
+        out.append(fused.float().flatten(1).cpu().numpy())
+    return out
 
 
 # ----------------------------------------------------------------------------- on each worker
@@ -113,7 +136,7 @@ def train_loop(config: dict) -> None:
     step = engine.global_steps
     tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
     resume_metrics(tracker, state)  # a restart: each step in MLflow once (see runtime.resume_metrics)
-    evaluation, centroids = ray.get(config["evaluation"]), ray.get(config["centroids"])
+    evaluation, candidates = ray.get(config["evaluation"]), ray.get(config["candidates"])
     shard = ray.train.get_dataset_shard("train")
     micro = engine.train_micro_batch_size_per_gpu()
     device = engine.device
@@ -133,7 +156,7 @@ def train_loop(config: dict) -> None:
             step = engine.global_steps
             if step % stage.log_every == 0 or step == stage.max_steps:
                 last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
-                last.update(_reference_accuracy(engine, evaluation, centroids, micro))
+                last.update(_reference_accuracy(engine, evaluation, candidates, micro))
                 tracker.log(last, step)
             if step % train.checkpoint_every == 0 or step == stage.max_steps:
                 report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
@@ -145,7 +168,7 @@ def train_loop(config: dict) -> None:
     tracker.end()
 
 
-def _reference_accuracy(engine, examples: list[dict], centroids: dict, micro: int) -> dict:
+def _reference_accuracy(engine, examples: list[dict], candidates: list, micro: int) -> dict:
     """Every rank scores the same held-out pronoun frames (same module calls on every rank, as
     ZeRO-3 requires); the figures are identical on all ranks."""
     import torch
@@ -164,8 +187,5 @@ def _reference_accuracy(engine, examples: list[dict], centroids: dict, micro: in
             batch = {k: v.to(engine.device) for k, v in collate(examples[start:start + micro], model).items()}
             predicted.append(model(batch)["conditioning"].float().cpu())
     model.train(was_training)
-    shape = predicted[0].shape[1:]
-    means = {key: torch.as_tensor(value).view(shape) for key, value in centroids.items()}
-    sets = [tuple(sorted(e["characters"])) for e in examples]
-    accuracy, chance = reference_accuracy(torch.cat(predicted), sets, means)
+    accuracy, chance = reference_accuracy(torch.cat(predicted), [torch.as_tensor(c) for c in candidates])
     return {"reference_accuracy": accuracy, "reference_chance": chance}

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from storygpt.aligner.data import collate, story_examples
 from storygpt.aligner.generation import StoryGenerator
-from storygpt.aligner.metrics import character_centroids, reference_accuracy
+from storygpt.aligner.metrics import candidate_casts, reference_accuracy, swap_character
 from storygpt.aligner.model import StoryAligner
 from storygpt.aligner.sequence import IMAGE, IMG, frames_to_keep, story_layout, truncated
 from storygpt.config import load_config
+from storygpt.data.characters import get_table
 
 CAPTIONS = ["Fred and Barney walk to the quarry.", "He picks up a rock.", "Wilma waves at them.",
             "They eat lunch at the table.", "Barney laughs loudly.", "She reads the paper."]
@@ -319,19 +320,35 @@ def test_continuation_over_the_cache_equals_recomputation(aligner):
 
 
 # ----------------------------------------------------------------------------- reference metric
+def test_candidate_casts_swap_one_named_character_at_a_time():
+    table = get_table("world")
+    caption = "Emma sits down with Bruno in the kitchen."
+    assert swap_character(caption, "Emma", "Ada", table) == "Ada sits down with Bruno in the kitchen."
+    casts = candidate_casts(caption, ["Emma", "Bruno"], ["Ada", "Bruno", "Cleo", "Emma"], table)
+    assert casts[0] == (caption, ["Emma", "Bruno"])  # the right cast first
+    assert casts[1:] == [("Ada sits down with Bruno in the kitchen.", ["Ada", "Bruno"]),
+                         ("Cleo sits down with Bruno in the kitchen.", ["Cleo", "Bruno"]),
+                         ("Emma sits down with Ada in the kitchen.", ["Emma", "Ada"]),
+                         ("Emma sits down with Cleo in the kitchen.", ["Emma", "Cleo"])]
+    # a character the caption does not name (only in the annotation) is not swapped
+    assert candidate_casts("Emma waves.", ["Emma", "Gus"], ["Ada"], table) == [
+        ("Emma waves.", ["Emma", "Gus"]), ("Ada waves.", ["Ada", "Gus"])]
+
+
 def test_reference_accuracy_on_constructed_embeddings():
     g = torch.Generator().manual_seed(0)
-    targets = torch.randn(6, 4, 3, generator=g)
-    sets = [("Fred",), ("Fred",), ("Barney", "Fred"), ("Fred", "Barney"), ("Wilma",), ("Wilma",)]
-    centroids = character_centroids(targets, sets)
-    assert set(centroids) == {("Fred",), ("Barney", "Fred"), ("Wilma",)}  # sorted: one key per set
-    torch.testing.assert_close(centroids[("Barney", "Fred")], targets[2:4].mean(0))
-    keys = list(centroids)
-    perfect = torch.stack([centroids[k] * 2 for k in keys])  # cosine: the scale does not matter
-    assert reference_accuracy(perfect, keys, centroids) == (1.0, pytest.approx(1 / 3))
-    shuffled = torch.stack([centroids[k] for k in keys[1:] + keys[:1]])
-    assert reference_accuracy(shuffled, keys, centroids)[0] == 0.0
-    assert reference_accuracy(perfect, [("Gus",)] * 3, centroids)[0] == 0.0  # an unknown set is a miss
+    candidates = [torch.randn(k, 4, 3, generator=g) for k in (3, 5, 2)]
+    perfect = torch.stack([c[0] * 2 for c in candidates])  # cosine: the scale does not matter
+    chance = (1 / 3 + 1 / 5 + 1 / 2) / 3
+    assert reference_accuracy(perfect, candidates) == (1.0, pytest.approx(chance))
+    wrong = torch.stack([c[1] for c in candidates])  # nearest another cast
+    assert reference_accuracy(wrong, candidates)[0] == 0.0
+    mixed = torch.stack([candidates[0][0], candidates[1][2], candidates[2][0]])
+    assert reference_accuracy(mixed, candidates)[0] == pytest.approx(2 / 3)
+    alone = [candidates[0], candidates[1][:1], candidates[2]]  # one candidate: nothing to tell, left out
+    assert reference_accuracy(perfect, alone) == (1.0, pytest.approx((1 / 3 + 1 / 2) / 2))
+    with pytest.raises(ValueError, match="3 predictions but 2 candidate sets"):
+        reference_accuracy(perfect, candidates[:2])
 
 
 def test_collate_takes_what_ray_data_hands_back(aligner, examples):

@@ -89,6 +89,27 @@ def test_one_target_per_record_equal_to_the_in_process_encoding(setup):
             assert differs == names  # fused exactly at the name tokens, plain CLIP states elsewhere
 
 
+def test_captions_fused_with_reference_crops_match_the_sampling_pipeline(setup):
+    """encode_named (the aligner's candidate casts) = CharLDMPipeline.encode (what sampling fuses)."""
+    from storygpt.char_ldm.pipeline import CharLDMPipeline
+    from storygpt.char_ldm.references import train_reference_crops
+    from storygpt.char_ldm.targets import StageTwoTargets
+    from storygpt.data.characters import get_table
+
+    cfg, _, records_dir, char_ldm, _ = setup
+    table = get_table(cfg.data.dataset)
+    references = train_reference_crops(records_dir, table.names, cfg.seed)
+    assert len(references) >= 2
+    a, b = sorted(references)[:2]
+    captions = [f"{a} waves hello in the forest.", f"{a} and {b} eat lunch.", "Nobody is here."]
+    characters = [[a], [a, b], []]
+    got = StageTwoTargets(cfg, char_ldm).encode_named(captions, characters, references, table)
+    expected = CharLDMPipeline.from_config(cfg, char_ldm).encode(captions, characters, references)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got[0], StageTwoTargets(cfg, char_ldm).encode_named(
+        [captions[0]], [[a]], {a: references[b]}, table)[0])  # another look, another embedding
+
+
 def test_frame_feature_is_the_pretrained_clip_image_embedding(setup):
     from storygpt.char_ldm.targets import read_targets
     from storygpt.data.record_schema import decode_png, read_table

@@ -41,6 +41,7 @@ def story_examples(frames: list[dict]) -> list[dict]:
             "captions": [f["referential_caption"] for f in frames[:n]],
             "frame_features": [list(f["frame_feature"]) for f in frames[:n - 1]],
             "target": list(frame["fused"]), "characters": list(frame["characters"]),
+            "caption": frame["caption"],  # S'_n, names not pronouns: reference accuracy swaps its cast
             "pronoun": frame["referential_caption"] != frame["caption"],
         })
     return examples

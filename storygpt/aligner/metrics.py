@@ -1,8 +1,13 @@
 """Reference resolution, measured on the conditioning itself (no image needed).
 
-A pronoun frame ("he sits down") is resolved when the aligner's conditioning lies nearest —
-cosine on the flattened L·d embedding — to the mean fused embedding of the frames that show
-the same character set. Callers pass only the pronoun frames; chance is 1 / number of sets.
+A pronoun frame ("she sits down with Bruno") is resolved when the aligner's conditioning is
+nearer — cosine on the flattened L·d embedding — to the fused embedding of the right cast
+than to that of any other cast *of the same caption*. The candidates are the frame's original
+caption ("Emma sits down with Bruno") and every caption made from it by swapping one of its
+characters for one it does not show ("Ada sits down with Bruno", ...), each fused with the
+named characters' reference images. Only who is in the frame differs between candidates, so
+the setting and action, which dominate the embedding, cannot decide the vote. Chance is
+1 / number of candidates, averaged over the frames.
 """
 
 from __future__ import annotations
@@ -10,29 +15,49 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def character_centroids(
-    targets: torch.Tensor, character_sets: list[tuple[str, ...]]
-) -> dict[tuple[str, ...], torch.Tensor]:
-    """(N, L, d) fused embeddings → {sorted character set: (L, d) mean embedding}."""
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for i, names in enumerate(character_sets):
-        groups.setdefault(tuple(sorted(names)), []).append(i)
-    return {key: targets[rows].float().mean(0) for key, rows in groups.items()}
+from storygpt.data.characters import CharacterTable
 
 
-def reference_accuracy(
-    predicted: torch.Tensor, character_sets: list[tuple[str, ...]], centroids: dict[tuple[str, ...], torch.Tensor]
-) -> tuple[float, float]:
-    """(share of frames nearest their own set's centroid, chance = 1 / len(centroids)); a frame
-    whose set has no centroid counts as wrong; NaN for no frames."""
-    if not centroids:
-        raise ValueError("no centroids: nothing to compare against")
-    keys = list(centroids)
-    chance = 1.0 / len(keys)
-    if len(predicted) == 0:
-        return float("nan"), chance
-    table = F.normalize(torch.stack([centroids[k] for k in keys]).flatten(1).float(), dim=-1)
-    nearest = (F.normalize(predicted.flatten(1).float(), dim=-1) @ table.T).argmax(-1).tolist()
-    hits = [keys[j] == tuple(sorted(names)) for j, names in zip(nearest, character_sets)]
-    return sum(hits) / len(hits), chance
+def swap_character(caption: str, old: str, new: str, table: CharacterTable) -> str:
+    """``caption`` with every mention of character ``old`` (any spelling) written as ``new``."""
+    def replace(match):
+        character = table.get(match.group(0))
+        return new if character is not None and character.name == old else match.group(0)
+
+    return table.mention_pattern.sub(replace, caption)
+
+
+def candidate_casts(
+    caption: str, characters: list[str], cast: list[str], table: CharacterTable
+) -> list[tuple[str, list[str]]]:
+    """[(caption, characters)]: the frame's own first, then each one-character swap with a
+    character of ``cast`` the frame does not show (only characters the caption names are swapped)."""
+    named = {table.get(m.group(0)).name for m in table.mention_pattern.finditer(caption)}
+    candidates = [(caption, list(characters))]
+    for i, character in enumerate(characters):
+        if character not in named:
+            continue
+        for other in cast:
+            if other not in characters:
+                swapped = [*characters[:i], other, *characters[i + 1:]]
+                candidates.append((swap_character(caption, character, other, table), swapped))
+    return candidates
+
+
+def reference_accuracy(predicted: torch.Tensor, candidates: list[torch.Tensor]) -> tuple[float, float]:
+    """(share of frames whose prediction is nearest its candidate 0, chance = mean 1 / candidates).
+
+    ``predicted``: (N, L, d); ``candidates[i]``: (K_i, L, d), the right cast first. A frame with a
+    single candidate (nobody to swap) says nothing and is left out. NaN when no frame is left."""
+    if len(predicted) != len(candidates):
+        raise ValueError(f"{len(predicted)} predictions but {len(candidates)} candidate sets")
+    hits, chances = [], []
+    for prediction, options in zip(predicted, candidates):
+        if len(options) < 2:
+            continue
+        similarity = F.normalize(options.flatten(1).float(), dim=-1) @ F.normalize(prediction.flatten().float(), dim=0)
+        hits.append(int(similarity.argmax()) == 0)
+        chances.append(1 / len(options))
+    if not hits:
+        return float("nan"), float("nan")
+    return sum(hits) / len(hits), sum(chances) / len(chances)

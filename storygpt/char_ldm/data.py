@@ -15,7 +15,9 @@ import torch
 from transformers import CLIPImageProcessor, PreTrainedTokenizerBase
 
 from storygpt.config import CharLDMConfig
+from storygpt.data.characters import CharacterTable
 from storygpt.data.record_schema import decode_png
+from storygpt.data.tokens import name_token_spans
 
 
 class Processors(Protocol):
@@ -103,3 +105,26 @@ def collate(
         "char_masks": masks,
         "has_mask": has_mask,
     }
+
+
+def reference_character_inputs(
+    tokenizer: PreTrainedTokenizerBase, image_processor: CLIPImageProcessor, captions: list[str], characters: list[list[str]],
+    references: dict[str, np.ndarray], table: CharacterTable, max_characters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(char_pixel_values, char_token_idx, char_valid) fusing each caption's named characters with
+    one reference image per character (inference: no boxes or masks in the frame to crop from)."""
+    crop = image_processor.crop_size
+    pixels = torch.zeros(len(captions), max_characters, 3, crop["height"], crop["width"])
+    token_idx = torch.zeros(len(captions), max_characters, dtype=torch.long)
+    valid = torch.zeros(len(captions), max_characters, dtype=torch.bool)
+    encoded = {}
+    if references:
+        names = sorted(references)
+        processed = image_processor(images=[references[n] for n in names], return_tensors="pt")
+        encoded = dict(zip(names, processed.pixel_values))
+    for b, (caption, names) in enumerate(zip(captions, characters)):
+        spans = name_token_spans(tokenizer, caption, names, table)
+        slots = [(n, s) for n, s in zip(names, spans) if s is not None and n in encoded][:max_characters]
+        for k, (name, span) in enumerate(slots):
+            pixels[b, k], token_idx[b, k], valid[b, k] = encoded[name], span[1] - 1, True
+    return pixels, token_idx, valid

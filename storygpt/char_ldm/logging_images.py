@@ -7,27 +7,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
-from storygpt.char_ldm.data import character_image
 from storygpt.char_ldm.model import CharLDM
 from storygpt.char_ldm.pipeline import CharLDMPipeline
+from storygpt.char_ldm.references import reference_crops
 from storygpt.config import StoryConfig
 from storygpt.data.record_schema import decode_png
 
 MAX_FRAMES = 4  # frames per sample grid
-
-
-def reference_crops(rows: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
-    """Name → its first crop in ``rows``, noise outside the mask, as training fuses it."""
-    generator = torch.Generator().manual_seed(seed)
-    crops: dict[str, np.ndarray] = {}
-    for row in rows:
-        image = decode_png(row["image"])
-        for name, box, mask in zip(row["characters"], row["boxes"], row["masks"]):
-            if name not in crops and box is not None:
-                crops[name] = character_image(image, box, decode_png(mask) if mask else None, generator)
-    return crops
 
 
 def sample_grid(model: CharLDM, rows: list[dict], cfg: StoryConfig, seed: int = 0) -> np.ndarray:

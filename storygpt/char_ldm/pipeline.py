@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, PNDMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from storygpt.char_ldm.attention import character_attention
-from storygpt.char_ldm.data import tokenize
+from storygpt.char_ldm.data import reference_character_inputs, tokenize
 from storygpt.char_ldm.encoders import Conditioning
 from storygpt.char_ldm.model import CharLDM
 from storygpt.config import StoryConfig
@@ -54,8 +54,9 @@ class CharLDMPipeline:
         (the fused embedding c of the paper; stage 2 regresses onto it)."""
         model, table = self.model, table or self.table
         ids = tokenize(model.tokenizer, captions).to(model.device)
-        inputs = self._character_inputs(captions, characters or [[] for _ in captions],
-                                        reference_images or {}, table)
+        inputs = (t.to(model.device) for t in reference_character_inputs(
+            model.tokenizer, model.image_processor, captions, characters or [[] for _ in captions],
+            reference_images or {}, table, self.cfg.max_characters))
         mode = torch.full((len(captions),), int(Conditioning.FUSED), device=model.device)
         return model.encode_prompts(ids, mode, *inputs)
 
@@ -135,28 +136,6 @@ class CharLDMPipeline:
         return frame, out
 
     # ------------------------------------------------------------------------- internals
-    def _character_inputs(
-        self, captions: list[str], characters: list[list[str]], references: dict[str, np.ndarray],
-        table: CharacterTable,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(char_pixel_values, char_token_idx, char_valid) for the named characters with a reference."""
-        chars, device = self.cfg.max_characters, self.model.device
-        crop = self.model.image_processor.crop_size
-        pixels = torch.zeros(len(captions), chars, 3, crop["height"], crop["width"])
-        token_idx = torch.zeros(len(captions), chars, dtype=torch.long)
-        valid = torch.zeros(len(captions), chars, dtype=torch.bool)
-        encoded = {}
-        if references:
-            names = sorted(references)
-            processed = self.model.image_processor(images=[references[n] for n in names], return_tensors="pt")
-            encoded = dict(zip(names, processed.pixel_values))
-        for b, (caption, names) in enumerate(zip(captions, characters)):
-            spans = name_token_spans(self.model.tokenizer, caption, names, table)
-            slots = [(n, s) for n, s in zip(names, spans) if s is not None and n in encoded][:chars]
-            for k, (name, span) in enumerate(slots):
-                pixels[b, k], token_idx[b, k], valid[b, k] = encoded[name], span[1] - 1, True
-        return pixels.to(device), token_idx.to(device), valid.to(device)
-
     def _sample(
         self,
         conditioning: torch.Tensor,

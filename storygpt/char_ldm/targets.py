@@ -24,11 +24,12 @@ import pyarrow.parquet as pq
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from storygpt.char_ldm.data import collate, tokenize
+from storygpt.char_ldm.data import collate, reference_character_inputs, tokenize
 from storygpt.char_ldm.encoders import Conditioning, encode_prompts, train_last_vision_layers
 from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.model import CONFIG, _load_weights, _require
 from storygpt.config import StoryConfig
+from storygpt.data.characters import CharacterTable
 from storygpt.data.record_schema import RECORDS, decode_png
 from storygpt.models.loading import load_clip_text, load_clip_vision
 
@@ -97,6 +98,18 @@ class StageTwoTargets:
                                mode, batch["char_pixel_values"], batch["char_token_idx"], batch["char_valid"])
         frames = frame_features(self.frame_vision, self.image_processor, [decode_png(r["image"]) for r in rows])
         return fused, frames
+
+    @torch.no_grad()
+    def encode_named(self, captions: list[str], characters: list[list[str]], references: dict[str, np.ndarray],
+                     table: CharacterTable) -> torch.Tensor:
+        """(B, L, d) fused embeddings of any captions, each named character fused with its
+        reference image: how the aligner's reference accuracy builds its candidate casts."""
+        inputs = reference_character_inputs(self.tokenizer, self.image_processor, captions, characters, references,
+                                            table, self.cfg.max_characters)
+        ids = tokenize(self.tokenizer, captions).to(self.device)
+        mode = torch.full((len(captions),), int(Conditioning.FUSED), device=self.device)
+        return encode_prompts(self.text_encoder, self.vision, self.fuser, ids, self.empty_ids, mode,
+                              *(t.to(self.device) for t in inputs))
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         """One :data:`TARGETS` row per record row; ``fused`` and ``frame_feature`` as 1-D float32 arrays."""
