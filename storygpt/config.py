@@ -107,6 +107,13 @@ class TinyZooConfig(Section):
     sr_vq_channels: list[int]
 
 
+def _ordered(section: Section, low: str, high: str) -> Section:
+    """Autoscaling bounds: ``low`` must not exceed ``high`` (a validator's body)."""
+    if getattr(section, low) > getattr(section, high):
+        raise ValueError(f"{low} ({getattr(section, low)}) must be <= {high} ({getattr(section, high)})")
+    return section
+
+
 # ----------------------------------------------------------------------------- preprocessing
 class ActorPoolConfig(Section):
     """An autoscaling Ray Data actor pool."""
@@ -119,9 +126,7 @@ class ActorPoolConfig(Section):
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "ActorPoolConfig":
-        if self.min_actors > self.max_actors:
-            raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
-        return self
+        return _ordered(self, "min_actors", "max_actors")
 
 
 class SuperResolutionStageConfig(Section):
@@ -245,9 +250,7 @@ class ReplicaConfig(Section):
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "ReplicaConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
-        return self
+        return _ordered(self, "min_replicas", "max_replicas")
 
 
 class CharLDMReplicaConfig(ReplicaConfig):

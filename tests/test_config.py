@@ -50,6 +50,9 @@ def test_dotted_overrides_are_parsed_as_yaml(presets):
         ("data.format=coco", "data.format", "'flintstones', 'storygptv' or 'pororo'"),
         ("char_ldm.p_unconditional=0.95", "char_ldm", "p_unconditional + p_text_only"),
         ("char_ldm.learning_rate=-1", "char_ldm.learning_rate", "greater than 0"),
+        ("serve.llm.min_replicas=9", "serve.llm", "min_replicas (9) must be <= max_replicas"),
+        ("precompute.pool.min_actors=99", "precompute.pool", "min_actors (99) must be <= max_actors"),
+        ("char_ldm.snr_gamma=0", "char_ldm.snr_gamma", "greater than 0"),
     ],
 )
 def test_bad_values_name_the_key_and_what_was_expected(presets, override, key, expected):
