@@ -230,6 +230,8 @@ def test_save_load_round_trip_gives_identical_predictions(trained, frames, tmp_p
         assert np.array_equal(a, b)
     features = first.features(images)
     assert features.shape == (12, 2048) and np.array_equal(features, second.features(images))
+    char_probs, setting_probs, pooled = first.predict_with_features(images)  # one trunk pass: the same figures
+    assert np.array_equal(pooled, features) and np.array_equal(char_probs, first.predict(images)[0])
     # batching and mixed input sizes do not change a frame's prediction (resized per frame to 75 px)
     big = np.kron(images[0], np.ones((2, 2, 1), np.uint8))  # the same frame at 128 px
     chars, _ = first.predict([images[1], big, images[2]], batch_size=2)

@@ -119,25 +119,33 @@ class FrameClassifier(nn.Module):
         h = self.forward_features(x)
         return self.character_head(h), (self.setting_head(h) if self.setting_head is not None else None)
 
-    @torch.inference_mode()
     def predict(self, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
         """(character probabilities ``[N, C]``, setting probabilities ``[N, S]`` or None), float32."""
+        char_probs, setting_probs, _ = self.predict_with_features(images, batch_size)
+        return char_probs, setting_probs
+
+    @torch.inference_mode()
+    def predict_with_features(self, images, batch_size: int = 64
+                              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """:meth:`predict` and the pooled 2048-d features ``[N, 2048]`` from one trunk pass."""
         was_training = self.training
         self.eval()
-        chars, sets = [], []
+        chars, sets, feats = [], [], []
         try:
             for parts in self._batches(images, batch_size):
-                x = torch.cat([self.preprocess(p) for p in parts])
-                char_logits, setting_logits = self(x)
-                chars.append(torch.sigmoid(char_logits).float().cpu())
-                if setting_logits is not None:
-                    sets.append(torch.softmax(setting_logits.float(), dim=-1).cpu())
+                h = self.forward_features(torch.cat([self.preprocess(p) for p in parts]))
+                feats.append(h.float().cpu())
+                chars.append(torch.sigmoid(self.character_head(h)).float().cpu())
+                if self.setting_head is not None:
+                    sets.append(torch.softmax(self.setting_head(h).float(), dim=-1).cpu())
         finally:
             self.train(was_training)
         char_probs = torch.cat(chars).numpy() if chars else np.zeros((0, len(self.characters)), np.float32)
+        features = torch.cat(feats).numpy() if feats else np.zeros((0, FEATURE_DIM), np.float32)
         if self.setting_head is None:
-            return char_probs, None
-        return char_probs, (torch.cat(sets).numpy() if sets else np.zeros((0, len(self.settings)), np.float32))
+            return char_probs, None, features
+        setting_probs = torch.cat(sets).numpy() if sets else np.zeros((0, len(self.settings)), np.float32)
+        return char_probs, setting_probs, features
 
     def predict_labels(self, images, threshold: float = 0.5, batch_size: int = 64
                        ) -> tuple[list[list[str]], list[str] | None]:
@@ -148,18 +156,9 @@ class FrameClassifier(nn.Module):
             return chars, None
         return chars, [self.settings[j] for j in setting_probs.argmax(axis=1)]
 
-    @torch.inference_mode()
     def features(self, images, batch_size: int = 64) -> np.ndarray:
         """Pooled 2048-d features ``[N, 2048]`` (float32): FID features when no FID Inception is given."""
-        was_training = self.training
-        self.eval()
-        out = []
-        try:
-            for parts in self._batches(images, batch_size):
-                out.append(self.forward_features(torch.cat([self.preprocess(p) for p in parts])).float().cpu())
-        finally:
-            self.train(was_training)
-        return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM), np.float32)
+        return self.predict_with_features(images, batch_size)[2]
 
     # ------------------------------------------------------------------ weights
     def load_imagenet_weights(self, path: str | Path, key: str = "evaluate.classifier.weights") -> dict:

@@ -30,8 +30,8 @@ class FrameScorer:
 
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> list[dict]:
-        char_probs, setting_probs = self.classifier.predict(images)
-        features = self.classifier.features(images) if self.fid is None else self.fid(images)
+        char_probs, setting_probs, pooled = self.classifier.predict_with_features(images)
+        features = pooled if self.fid is None else self.fid(images)  # one trunk pass either way
         captions = self.captioner.caption(images)
         names, settings = self.classifier.characters, self.classifier.settings
         rows = []
