@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from storygpt.atomic import replace_dir
+
 CACHE_ENV = "STORYGPT_CACHE"
 
 
@@ -25,12 +27,13 @@ def cache_root() -> Path | None:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "storygpt" / "zoo"
 
 
-def part_key(part: str, inputs: dict, sources: list[Path]) -> str:
-    """``part``-<sha256 of inputs (JSON) and the bytes of ``sources``>."""
+def build_digest(inputs: dict, sources: list[Path]) -> str:
+    """sha256 of ``inputs`` (JSON) and the bytes of ``sources``: one per build; a part's key
+    is ``<part>-<digest>``."""
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode())
     for source in sources:
         digest.update(source.read_bytes())
-    return f"{part}-{digest.hexdigest()[:20]}"
+    return digest.hexdigest()[:20]
 
 
 def fetch(key: str, dest: Path) -> bool:
@@ -43,15 +46,12 @@ def fetch(key: str, dest: Path) -> bool:
 
 
 def store(key: str, built: Path) -> None:
-    """Add a built part: copied beside the cache entry, then renamed into place, so a reader
-    never sees half an entry. A failure to cache (read-only home, full disk) costs only a rebuild."""
+    """Add a built part, written whole or not at all (:func:`storygpt.atomic.replace_dir`). A
+    failure to cache (read-only home, full disk) costs only a rebuild."""
     root = cache_root()
     if root is None or (root / key).is_dir():
         return
-    staging = root / f".{key}.{os.getpid()}.partial"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(built, staging)
-        staging.rename(root / key)
+        replace_dir(root / key, lambda staging: shutil.copytree(built, staging))
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
+        pass

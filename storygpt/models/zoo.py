@@ -90,9 +90,10 @@ def build_tiny_zoo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = {"zoo": zoo.model_dump(), "corpus": stories, "seed": seed, "versions": _library_versions()}
+    digest = build_cache.build_digest(inputs, _BUILD_SOURCES)
     parts = {}
     for part, build in builders.items():
-        key = build_cache.part_key(part, inputs, _BUILD_SOURCES)
+        key = f"{part}-{digest}"
 
         def fetch_or_build(staging: Path, key=key, build=build) -> None:
             if not build_cache.fetch(key, staging):
