@@ -177,7 +177,7 @@ def report_checkpoint(engine, optimizer, step: int, tracker, metrics: dict, stat
                                                 "metrics": covered})
     report = {**metrics, "global_step": step, "resumed_from_step": state.get("global_step", 0), **restored}
     ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
-    _commit_new(tracker)
+    tracker.commit()
 
 
 def resume_metrics(tracker, state: dict) -> None:
@@ -193,7 +193,7 @@ def resume_metrics(tracker, state: dict) -> None:
         return
     tracker.logged_through = _last_logged_step(tracker) if state else 0
     new, tracker.pending = tracker.pending, [(int(s), m) for s, m in state.get("metrics", [])]
-    _commit_new(tracker)  # what the checkpoint covers and MLflow lacks
+    tracker.commit()  # what the checkpoint covers and MLflow lacks
     tracker.pending = new  # this attempt's: committed with the next checkpoint, as always
 
 
@@ -201,17 +201,6 @@ def _last_logged_step(tracker) -> int:
     client = tracker.mlflow.MlflowClient()
     keys = client.get_run(tracker.run_id).data.metrics
     return max((m.step for key in keys for m in client.get_metric_history(tracker.run_id, key)), default=0)
-
-
-def _commit_new(tracker) -> None:
-    """Commit the buffered metrics of steps MLflow does not hold yet (rank 0; others: no-op)."""
-    if not tracker.active:
-        return
-    through = tracker.logged_through or 0
-    tracker.pending = [(s, m) for s, m in tracker.pending if s > through]
-    if tracker.pending:
-        tracker.logged_through = max(s for s, _ in tracker.pending)
-    tracker.commit()
 
 
 def fit_trainer(cfg: StoryConfig, train_loop, loop_config: dict, name: str, datasets: dict) -> dict:

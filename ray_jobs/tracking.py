@@ -48,9 +48,15 @@ class Tracker:
             self.pending.append((step, metrics))
 
     def commit(self) -> None:
-        """Flush the buffered metrics: call when a checkpoint covering them is reported."""
+        """Flush the buffered metrics: call when a checkpoint covering them is reported. Once
+        ``logged_through`` is known (runtime.resume_metrics), steps MLflow already holds are
+        dropped: a restarted worker re-runs steps its predecessor may have logged."""
         if not self.active:
             return
+        if self.logged_through is not None:
+            self.pending = [(s, m) for s, m in self.pending if s > self.logged_through]
+            if self.pending:
+                self.logged_through = max(s for s, _ in self.pending)
         for step, metrics in self.pending:
             self.mlflow.log_metrics(metrics, step=step)
         self.pending = []
