@@ -27,6 +27,7 @@ from storygpt.char_ldm.encoders import (
     train_last_vision_layers,
 )
 from storygpt.char_ldm.fuser import CharacterFuser
+from storygpt.char_ldm.latents import to_latent_space
 from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
 from storygpt.char_ldm.training import min_snr_weights, noise_loss
 from storygpt.config import CharLDMConfig, StoryConfig
@@ -127,7 +128,7 @@ class CharLDM(nn.Module):
         size = len(batch["pixel_values"])
         with torch.no_grad():
             latents = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.sample(generator)
-            latents = latents * self.vae.config.scaling_factor
+            latents = to_latent_space(self.vae, latents)
         noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         gen_device = generator.device if generator is not None else None
         steps = self.noise_scheduler.config.num_train_timesteps

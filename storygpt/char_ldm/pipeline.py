@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from storygpt.char_ldm.attention import character_attention
 from storygpt.char_ldm.data import reference_character_inputs, tokenize
 from storygpt.char_ldm.encoders import Conditioning
+from storygpt.char_ldm.latents import from_latent_space
 from storygpt.char_ldm.model import CharLDM
 from storygpt.config import StoryConfig
 from storygpt.data.characters import CharacterTable, get_table
@@ -188,6 +189,6 @@ class CharLDMPipeline:
                 uncond, cond = eps.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
             latents = sampler.step(eps, t, latents).prev_sample
-        images = model.vae.decode(latents.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
+        images = model.vae.decode(from_latent_space(model.vae, latents.to(model.vae.dtype))).sample
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return list(images.permute(0, 2, 3, 1).cpu().numpy())

@@ -179,8 +179,9 @@ def _vae(zoo: TinyZooConfig, seed: int, out: Path) -> None:
     if zoo.vae_pretrain_steps:
         with _one_thread():
             _pretrain_vae(vae, zoo.vae_pretrain_steps, resolution, seed)
-            scale = _latent_scaling_factor(vae, resolution, seed)
-        vae.register_to_config(scaling_factor=scale)
+            mean, std = _latent_statistics(vae, resolution, seed)
+        # standardised per channel (storygpt.char_ldm.latents): diffusers' latents_mean/std
+        vae.register_to_config(scaling_factor=1.0, latents_mean=mean, latents_std=std)
     vae.save_pretrained(out)
 
 
@@ -244,14 +245,16 @@ def _vae_batch(rng: np.random.Generator, resolution: int) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def _latent_scaling_factor(vae: AutoencoderKL, resolution: int, seed: int) -> float:
-    """1 / std of the latents of fresh whole frames, as SD's 0.18215 gives its latents ~unit
-    variance; sampled from the posterior, as the Char-LDM encodes."""
+def _latent_statistics(vae: AutoencoderKL, resolution: int, seed: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the latents of fresh whole frames, sampled from the posterior
+    as the Char-LDM encodes. SD's single 0.18215 gives its latents ~unit variance; this VAE's
+    channels differ too much in scale and centre for one factor (std 0.23 to 1.47)."""
     rng, generator = np.random.default_rng(seed + 1), torch.Generator().manual_seed(seed + 1)
     images = np.stack([world_frame(rng, resolution)[0] for _ in range(VAE_SCALE_FRAMES)])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     latents = vae.encode(pixels).latent_dist.sample(generator)
-    return round(1.0 / latents.std().item(), 5)
+    mean, std = latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))
+    return [round(v, 5) for v in mean.tolist()], [round(v, 5) for v in std.tolist()]
 
 
 def world_frame(
