@@ -195,6 +195,9 @@ class AlignerConfig(Section):
     mapper_ffn_dim: int
     mapper_queries: int = Field(description="L: learnable queries (77 = CLIP text length)")
     max_length: int = Field(description="longest training sequence (tokens); earliest frames are dropped")
+    gen_loss_weight: float = Field(
+        default=1.0, ge=0, description="λ in loss = λ·L_gen + L_align (the paper: 1; see configs/tiny.yaml)"
+    )
     learning_rate: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
     weight_decay: float = Field(ge=0)

@@ -34,7 +34,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def cfg(repo, tiny_work):
-    return load_config(repo / "configs" / "tiny.yaml", [f"work_dir={tiny_work}"])
+    # the paper's objective, L_gen + L_align (the tiny preset trains with λ = 0: its own test below)
+    return load_config(repo / "configs" / "tiny.yaml", [f"work_dir={tiny_work}", "aligner.gen_loss_weight=1.0"])
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,14 @@ def test_gen_loss_sums_over_all_img_tokens(aligner, examples):
     assert out["align_loss"].item() == pytest.approx(F.mse_loss(out["conditioning"], batch["target"]).item())
     assert out["loss"].item() == pytest.approx(out["gen_loss"].item() + out["align_loss"].item(), rel=1e-6)
     assert out["conditioning"].shape == batch["target"].shape and not out["conditioning"].requires_grad
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.25])
+def test_gen_loss_weight_scales_l_gen_in_the_objective(aligner, examples, monkeypatch, weight):
+    monkeypatch.setattr(aligner, "config", aligner.config.model_copy(update={"gen_loss_weight": weight}))
+    out = aligner(collate(examples[1:4], aligner))
+    assert out["gen_loss"].item() > 0.1  # still computed and logged
+    assert out["loss"].item() == pytest.approx(weight * out["gen_loss"].item() + out["align_loss"].item(), rel=1e-6)
 
 
 def test_training_lowers_both_losses_and_touches_only_the_new_parts(cfg, examples):

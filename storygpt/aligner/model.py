@@ -154,7 +154,7 @@ class StoryAligner(nn.Module):
 
     # ------------------------------------------------------------------------- training step
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
-        """Losses for a :func:`~storygpt.aligner.data.collate` batch: {"loss" = L_gen + L_align,
+        """Losses for a :func:`~storygpt.aligner.data.collate` batch: {"loss" = λ·L_gen + L_align,
         "gen_loss", "align_loss", "conditioning" (B, L, d), detached}."""
         device, r = self.device, self.config.img_tokens
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -173,7 +173,7 @@ class StoryAligner(nn.Module):
         targets = (vocab + torch.arange(r, device=device)).expand(len(codes), -1)
         gen = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(-1, r).sum(1).mean()
         align = F.mse_loss(conditioning.float(), batch["target"].float())
-        return {"loss": gen + align, "gen_loss": gen.detach(), "align_loss": align.detach(),
+        return {"loss": self.config.gen_loss_weight * gen + align, "gen_loss": gen.detach(), "align_loss": align.detach(),
                 "conditioning": conditioning.detach()}
 
 
