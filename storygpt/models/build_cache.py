@@ -36,6 +36,11 @@ def build_digest(inputs: dict, sources: list[Path]) -> str:
     return digest.hexdigest()[:20]
 
 
+def has(key: str) -> bool:
+    root = cache_root()
+    return root is not None and (root / key).is_dir()
+
+
 def fetch(key: str, dest: Path) -> bool:
     """Copy the cached part to ``dest``; False when it is not cached (or the cache is off)."""
     root = cache_root()

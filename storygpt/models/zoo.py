@@ -9,7 +9,10 @@ Llama-2, SAM, LDM 4x super-resolution) with the sizes of :class:`TinyZooConfig`.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,12 +72,35 @@ def build_tiny_zoo(
     """Build every part into ``out_dir/<part>``; returns {part: directory}.
 
     Tokenizers are trained on the captions of ``stories``, so character names become single
-    tokens; the language models are pretrained on the stories themselves (next-token, a few
-    hundred steps), as a real frozen LLM has read its language before stage 2, and the VAE is
+    tokens; the language models are pretrained on the stories themselves (next-token,
+    ``zoo.lm_pretrain_steps``), as a real frozen LLM has read its language before stage 2, and the VAE is
     pretrained as an autoencoder on rendered world frames, as SD's VAE has seen images before the
     UNet learns its latents. Deterministic for a given (zoo, corpus, seed). Each part is written to a temporary
     directory and renamed into place, so an interrupted build never leaves a half-written part.
     """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"zoo": zoo.model_dump(), "corpus": stories, "seed": seed, "versions": _library_versions()}
+    digest = build_cache.build_digest(inputs, _BUILD_SOURCES)
+    keys = {part: f"{part}-{digest}" for part in PARTS}
+    if all(build_cache.has(key) for key in keys.values()):  # copies only: no processes to start
+        return {part: _fetch_or_build_part(part, zoo, stories, seed, key, out_dir) for part, key in keys.items()}
+    # Parts are independent: two processes build them side by side (each part pretrains on one
+    # thread), the slowest first, which halves the uncached build on 2 cores.
+    workers = max(1, min(2, os.cpu_count() or 1))
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {part: pool.submit(_fetch_or_build_part, part, zoo, stories, seed, key, out_dir)
+                   for part, key in keys.items()}
+        return {part: future.result() for part, future in futures.items()}
+
+
+PARTS = ("opt", "llama", "vae", "clip_text", "clip_vision", "unet", "scheduler", "sam", "super_resolution")
+
+
+def _fetch_or_build_part(part: str, zoo: TinyZooConfig, stories: list[list[str]], seed: int, key: str,
+                         out_dir: Path) -> Path:
+    """One part into ``out_dir/<part>``: from the build cache, else built (and cached)."""
     corpus = [caption for story in stories for caption in story]
     builders: dict[str, Callable[[Path], None]] = {
         "clip_text": lambda d: _clip_text(zoo, corpus, d),
@@ -87,22 +113,14 @@ def build_tiny_zoo(
         "sam": lambda d: _sam(zoo, d),
         "super_resolution": lambda d: _super_resolution(zoo, d),
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = {"zoo": zoo.model_dump(), "corpus": stories, "seed": seed, "versions": _library_versions()}
-    digest = build_cache.build_digest(inputs, _BUILD_SOURCES)
-    parts = {}
-    for part, build in builders.items():
-        key = f"{part}-{digest}"
 
-        def fetch_or_build(staging: Path, key=key, build=build) -> None:
-            if not build_cache.fetch(key, staging):
-                torch.manual_seed(seed)  # per part, so one part's weights do not depend on the others
-                build(staging)
-                build_cache.store(key, staging)
+    def fetch_or_build(staging: Path) -> None:
+        if not build_cache.fetch(key, staging):
+            torch.manual_seed(seed)  # per part, so one part's weights do not depend on the others
+            builders[part](staging)
+            build_cache.store(key, staging)
 
-        parts[part] = replace_dir(out_dir / part, fetch_or_build)
-    return parts
+    return replace_dir(out_dir / part, fetch_or_build)
 
 
 # What a part's bytes depend on besides the inputs: the code that builds and pretrains it.
