@@ -45,7 +45,8 @@ def preprocess(cfg: StoryConfig) -> dict:
     import ray
 
     from preprocessing.pipeline import build
-    from preprocessing.writer import atomic_parquet, atomic_write_bytes, resume_state
+    from preprocessing.writer import atomic_parquet, resume_state
+    from storygpt.atomic import replace_bytes
     from storygpt.data import prepare
     from storygpt.data.characters import get_table
     from storygpt.data.record_schema import ERRORS, read_table
@@ -101,7 +102,7 @@ def preprocess(cfg: StoryConfig) -> dict:
         "config": cfg.flat(),
         "versions": _versions(),
     }
-    atomic_write_bytes(output / "manifest.json", json.dumps(manifest, indent=1).encode())
+    replace_bytes(output / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
 

@@ -45,7 +45,8 @@ def precompute(cfg: StoryConfig, records: str | Path | None = None, char_ldm: st
     import ray
 
     from preprocessing.job import _versions
-    from preprocessing.writer import atomic_write_bytes, resume_state
+    from preprocessing.writer import resume_state
+    from storygpt.atomic import replace_bytes
     from storygpt.char_ldm.targets import read_targets, target_shape
 
     started = time.perf_counter()
@@ -88,7 +89,7 @@ def precompute(cfg: StoryConfig, records: str | Path | None = None, char_ldm: st
         "config": cfg.flat(),
         "versions": _versions(),
     }
-    atomic_write_bytes(output / "manifest.json", json.dumps(manifest, indent=1).encode())
+    replace_bytes(output / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -160,7 +161,8 @@ def write_targets(batch: pa.Table, output: str) -> pa.Table:
 
     import pyarrow.parquet as pq
 
-    from preprocessing.writer import atomic_write_bytes, part_name
+    from preprocessing.writer import part_name
+    from storygpt.atomic import replace_bytes
     from storygpt.char_ldm.targets import PARTS
 
     root = Path(output)
@@ -169,9 +171,9 @@ def write_targets(batch: pa.Table, output: str) -> pa.Table:
     buf = io.BytesIO()
     pq.write_table(batch, buf)
     (root / PARTS).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(root / PARTS / f"{name}.parquet", buf.getvalue())
+    replace_bytes(root / PARTS / f"{name}.parquet", buf.getvalue())
     (root / "done").mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(root / "done" / f"{name}.json", json.dumps({"ids": ids, "records": len(ids)}).encode())
+    replace_bytes(root / "done" / f"{name}.json", json.dumps({"ids": ids, "records": len(ids)}).encode())
     return pa.Table.from_pylist([{"part": name, "records": len(ids), "finished_at": time.time()}])
 
 

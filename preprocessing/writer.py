@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storygpt.atomic import replace_bytes, replace_file
 
 KINDS = ("records", "errors")
 
@@ -24,16 +24,8 @@ def part_name(ids: list[str]) -> str:
     return "part-" + hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    replace_file(path, lambda staging: pq.write_table(table, staging))
 
 
 def write_part(output: Path, ids: list[str], records: pa.Table, errors: pa.Table, stats: dict) -> str:
@@ -42,7 +34,7 @@ def write_part(output: Path, ids: list[str], records: pa.Table, errors: pa.Table
         (output / kind).mkdir(parents=True, exist_ok=True)
         atomic_parquet(table, output / kind / f"{name}.parquet")
     (output / "done").mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output / "done" / f"{name}.json", json.dumps({"ids": ids, **stats}).encode())
+    replace_bytes(output / "done" / f"{name}.json", json.dumps({"ids": ids, **stats}).encode())
     return name
 
 
@@ -79,4 +71,4 @@ def require_same_settings(path: Path, settings: dict, key: str, what: str, remed
                               f"({', '.join(changed)}); {remedy}")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(settings, indent=1).encode())  # a torn file would refuse every re-run
+    replace_bytes(path, json.dumps(settings, indent=1).encode())  # a torn file would refuse every re-run
