@@ -30,6 +30,17 @@ def test_tiny_extends_flintstones_and_overrides_sizes(presets):
     assert tiny.preset == "tiny" and tiny.zoo is not None and tiny.data.world is not None
     assert tiny.char_ldm.resolution == 64 and tiny.char_ldm.lreg_weight == 1.0  # tiny models: see tiny.yaml
     assert tiny.train.use_gpu is False and tiny.data.dataset == "world"
+    assert tiny.aligner.gen_loss_weight == 0.0 and load_config(presets / "flintstones.yaml").aligner.gen_loss_weight == 1.0
+
+
+def test_world_extends_tiny_at_32_px_with_latents_to_match(presets):
+    """The UNet's sample size must be the resolution through the x2 VAE, or the zoo's UNet and
+    the Char-LDM's latents disagree."""
+    world, tiny = load_config(presets / "world.yaml"), load_config(presets / "tiny.yaml")
+    assert world.preset == "world" and world.char_ldm.resolution == 32
+    assert world.zoo.unet_sample_size * 2 == world.char_ldm.resolution
+    assert world.data.world.stories > tiny.data.world.stories and world.aligner.max_steps > tiny.aligner.max_steps
+    assert world.models == tiny.models.model_copy() and world.evaluate.rows == tiny.evaluate.rows
 
 
 def test_dotted_overrides_are_parsed_as_yaml(presets):
