@@ -392,6 +392,8 @@ def test_a_record_part_torn_mid_write_is_never_read_and_redone_once(cluster_reco
         raise OSError("simulated crash mid-write")
 
     monkeypatch.setattr(writer.pq, "write_table", crash_half_way)
+    # a killed process runs no cleanup: the torn temp file stays (an exception alone removes it)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)
     with pytest.raises(OSError, match="simulated"):  # dies inside the records file
         writer.write_part(out, ids, rows, ERRORS.empty_table(), {"records": len(ids)})
     torn = [p for p in (out / "records").iterdir() if part in p.name]
