@@ -157,21 +157,15 @@ class ComputeTargets:
 
 def write_targets(batch: pa.Table, output: str) -> pa.Table:
     """Write one part (targets + done marker) atomically; return its stats as one row."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from preprocessing.writer import part_name
+    from preprocessing.writer import atomic_parquet, part_name
     from storygpt.atomic import replace_bytes
     from storygpt.char_ldm.targets import PARTS
 
     root = Path(output)
     ids = batch["id"].to_pylist()
     name = part_name(ids)  # a retried task rewrites the same part
-    buf = io.BytesIO()
-    pq.write_table(batch, buf)
     (root / PARTS).mkdir(parents=True, exist_ok=True)
-    replace_bytes(root / PARTS / f"{name}.parquet", buf.getvalue())
+    atomic_parquet(batch, root / PARTS / f"{name}.parquet")
     (root / "done").mkdir(parents=True, exist_ok=True)
     replace_bytes(root / "done" / f"{name}.json", json.dumps({"ids": ids, "records": len(ids)}).encode())
     return pa.Table.from_pylist([{"part": name, "records": len(ids), "finished_at": time.time()}])

@@ -357,18 +357,50 @@ def test_preprocessing_pool_actor_killed_mid_run_loses_and_duplicates_nothing(cl
 
 
 # ----------------------------------------------------------------------------- 4b. torn record part
-def test_a_record_part_torn_mid_write_is_never_read_and_redone_once(cluster_records, tiny_work, repo, tmp_path,
-                                                                    monkeypatch):
-    """The writer's two crash points, in-process, on a part whose frames are not done yet: the
-    Parquet write dies half-way through the records file (a torn temp file), then again half-way
-    through the errors file (the records part is in place, its done marker is not). The parts
-    written before stay readable, nothing torn is ever read, and the re-run (Ray Data, on the
-    cluster) deletes the leftovers and writes every record exactly once."""
+# The writer in a child process that dies (os._exit: no cleanup runs, as under SIGKILL) right
+# after its ``crash_at``-th Parquet write has put half of its bytes on disk.
+_DIE_MID_WRITE = """
+import json, os, sys
+from pathlib import Path
+import pyarrow.parquet as pq
+from preprocessing import writer
+from storygpt.data.record_schema import ERRORS
+
+out, rows_file, ids, crash_at = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+rows, real_write, calls = pq.read_table(rows_file), pq.write_table, []
+
+def write(table, where, *args, **kwargs):
+    calls.append(where)
+    real_write(table, where, *args, **kwargs)
+    if len(calls) == crash_at:
+        data = Path(where).read_bytes()
+        Path(where).write_bytes(data[: len(data) // 2])
+        os._exit(137)
+
+writer.pq.write_table = write
+writer.write_part(out, ids, rows, ERRORS.empty_table(), {"records": len(ids)})
+"""
+
+
+def _writer_dies(repo: Path, out: Path, rows_file: Path, ids: list[str], crash_at: int) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _DIE_MID_WRITE, str(out), str(rows_file), json.dumps(ids),
+                           str(crash_at)], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+
+
+def test_a_record_part_torn_mid_write_is_never_read_and_redone_once(cluster_records, tiny_work, repo, tmp_path):
+    """The writer's two crash points, each a real process death, on a part whose frames are not
+    done yet: half-way through the records file (a torn temp file), then half-way through the
+    errors file (the records part is in place, its done marker is not). The parts written before
+    stay readable, nothing torn is ever read, and the re-run (Ray Data, on the cluster) deletes
+    the leftovers and writes every record exactly once."""
     import pyarrow.parquet as pq
 
-    from preprocessing import writer
     from preprocessing.job import preprocess
-    from storygpt.data.record_schema import ERRORS, read_table
+    from storygpt.data.record_schema import read_table
 
     out = tmp_path / "rec"
     shutil.copytree(cluster_records, out)
@@ -376,43 +408,24 @@ def test_a_record_part_torn_mid_write_is_never_read_and_redone_once(cluster_reco
     markers = {m.stem: json.loads(m.read_text())["ids"] for m in (out / "done").glob("*.json")}
     assert len(markers) >= 2 and sum(map(len, markers.values())) == len(expected)
     part, ids = min(markers.items(), key=lambda kv: len(kv[1]))  # this part's frames: "not written yet"
-    rows = pq.read_table(out / "records" / f"{part}.parquet")
+    rows_file = tmp_path / "rows.parquet"
+    shutil.copy(out / "records" / f"{part}.parquet", rows_file)
     for kind in ("records", "errors"):
         (out / kind / f"{part}.parquet").unlink()
     (out / "done" / f"{part}.json").unlink()
     earlier = set(read_table(out, columns=["id"])["id"].to_pylist())
     assert earlier == expected - set(ids)
 
-    real_write = pq.write_table
-
-    def crash_half_way(table, where, *args, **kwargs):
-        real_write(table, where, *args, **kwargs)
-        data = Path(where).read_bytes()
-        Path(where).write_bytes(data[: len(data) // 2])  # the process dies with half the bytes on disk
-        raise OSError("simulated crash mid-write")
-
-    monkeypatch.setattr(writer.pq, "write_table", crash_half_way)
-    # a killed process runs no cleanup: the torn temp file stays (an exception alone removes it)
-    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)
-    with pytest.raises(OSError, match="simulated"):  # dies inside the records file
-        writer.write_part(out, ids, rows, ERRORS.empty_table(), {"records": len(ids)})
+    _writer_dies(repo, out, rows_file, ids, crash_at=1)  # inside the records file
     torn = [p for p in (out / "records").iterdir() if part in p.name]
     assert len(torn) == 1 and torn[0].name.endswith(".tmp") and torn[0].stat().st_size > 0
     assert set(read_table(out, columns=["id"])["id"].to_pylist()) == earlier  # the torn file is never read
 
-    calls = []
-
-    def crash_in_errors(table, where, *args, **kwargs):
-        calls.append(where)
-        return (real_write if len(calls) == 1 else crash_half_way)(table, where, *args, **kwargs)
-
-    monkeypatch.setattr(writer.pq, "write_table", crash_in_errors)
-    with pytest.raises(OSError, match="simulated"):  # the records part renamed into place, then dies
-        writer.write_part(out, ids, rows, ERRORS.empty_table(), {"records": len(ids)})
-    monkeypatch.undo()
+    _writer_dies(repo, out, rows_file, ids, crash_at=2)  # the records part renamed into place, then dies
     assert (out / "records" / f"{part}.parquet").is_file() and not (out / "done" / f"{part}.json").exists()
     assert any(p.name.endswith(".tmp") for p in (out / "errors").iterdir())
     assert set(read_table(out, columns=["id"])["id"].to_pylist()) == expected  # complete files only
+    assert pq.read_table(out / "records" / f"{part}.parquet").num_rows == len(ids)
 
     again = preprocess(_tiny(repo, f"work_dir={tiny_work}", f"preprocess.output={out}"))
     after = read_table(out, columns=["id"])["id"].to_pylist()

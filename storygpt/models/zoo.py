@@ -95,29 +95,32 @@ def build_tiny_zoo(
         return {part: future.result() for part, future in futures.items()}
 
 
-PARTS = ("opt", "llama", "vae", "clip_text", "clip_vision", "unet", "scheduler", "sam", "super_resolution")
+# Every part's builder: (zoo, corpus, stories, seed, out). Slowest first, so the two build
+# processes start on the pretrained LMs.
+Builder = Callable[[TinyZooConfig, list[str], list[list[str]], int, Path], None]
+BUILDERS: dict[str, Builder] = {
+    "opt": lambda zoo, corpus, stories, seed, d: _opt(zoo, corpus, stories, seed, d),
+    "llama": lambda zoo, corpus, stories, seed, d: _llama(zoo, corpus, stories, seed, d),
+    "vae": lambda zoo, corpus, stories, seed, d: _vae(zoo, seed, d),
+    "clip_text": lambda zoo, corpus, stories, seed, d: _clip_text(zoo, corpus, d),
+    "clip_vision": lambda zoo, corpus, stories, seed, d: _clip_vision(zoo, d),
+    "unet": lambda zoo, corpus, stories, seed, d: _unet(zoo, d),
+    "scheduler": lambda zoo, corpus, stories, seed, d: DDPMScheduler(**SD15_SCHEDULE).save_pretrained(d),
+    "sam": lambda zoo, corpus, stories, seed, d: _sam(zoo, d),
+    "super_resolution": lambda zoo, corpus, stories, seed, d: _super_resolution(zoo, d),
+}
+PARTS = tuple(BUILDERS)
 
 
 def _fetch_or_build_part(part: str, zoo: TinyZooConfig, stories: list[list[str]], seed: int, key: str,
                          out_dir: Path) -> Path:
     """One part into ``out_dir/<part>``: from the build cache, else built (and cached)."""
     corpus = [caption for story in stories for caption in story]
-    builders: dict[str, Callable[[Path], None]] = {
-        "clip_text": lambda d: _clip_text(zoo, corpus, d),
-        "clip_vision": lambda d: _clip_vision(zoo, d),
-        "vae": lambda d: _vae(zoo, seed, d),
-        "unet": lambda d: _unet(zoo, d),
-        "scheduler": lambda d: DDPMScheduler(**SD15_SCHEDULE).save_pretrained(d),
-        "opt": lambda d: _opt(zoo, corpus, stories, seed, d),
-        "llama": lambda d: _llama(zoo, corpus, stories, seed, d),
-        "sam": lambda d: _sam(zoo, d),
-        "super_resolution": lambda d: _super_resolution(zoo, d),
-    }
 
     def fetch_or_build(staging: Path) -> None:
         if not build_cache.fetch(key, staging):
             torch.manual_seed(seed)  # per part, so one part's weights do not depend on the others
-            builders[part](staging)
+            BUILDERS[part](zoo, corpus, stories, seed, staging)
             build_cache.store(key, staging)
 
     return replace_dir(out_dir / part, fetch_or_build)
