@@ -121,6 +121,7 @@ def unet_figures(quick: bool, device: str = "cuda", bf16: bool = True, unet_conf
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer timed steps (CI smoke run)")
+    parser.add_argument("--gpu-only", action="store_true", help="only the real-size UNet (skips the tiny zoo build)")
     args = parser.parse_args()
 
     import torch
@@ -128,6 +129,11 @@ def main() -> None:
     import storygpt  # noqa: F401  (the torchvision shim, before diffusers/transformers)
     from benchmarks.common import emit
 
+    if args.gpu_only:
+        if not torch.cuda.is_available():
+            parser.error("--gpu-only: no GPU on this machine")
+        emit({"benchmark": "char_ldm", "gpu": unet_figures(args.quick), "target_lreg_overhead": TARGET})
+        return
     cpu = cpu_figures(args.quick)
     print(f"tiny Char-LDM train step on CPU: {cpu['s_per_step_lreg']} s with L_reg, "
           f"{cpu['s_per_step_plain']} s without: overhead x{cpu['lreg_overhead']} (target <= {TARGET})")

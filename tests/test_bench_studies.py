@@ -1,0 +1,49 @@
+"""The GPU-facing benchmark modules run their whole code path on CPU: the real-size one at
+small widths (same weight layout, same loaders as the Serve deployments), the world-learning
+study for a few steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import real_size, world_learning
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_real_size_without_a_gpu_says_not_measured(capsys):
+    real_size.main(["--device", "cpu"])
+    assert _last_json(capsys)["gpu"].startswith("not measured")
+
+
+@pytest.mark.slow
+def test_real_size_smoke_writes_the_flintstones_layout_and_times_a_story(tmp_path, capsys):
+    real_size.main(["--size", "smoke", "--device", "cpu", "--work", str(tmp_path)])
+    out = _last_json(capsys)["smoke"]
+    weights = tmp_path / "weights"
+    for part in ("stable-diffusion-v1-5/unet", "stable-diffusion-v1-5/vae", "stable-diffusion-v1-5/text_encoder",
+                 "stable-diffusion-v1-5/tokenizer", "clip-vit-large-patch14", "opt-6.7b"):
+        assert (weights / part).is_dir(), part
+    assert list((weights / "opt-6.7b").glob("*.safetensors"))
+    story = out["story"]
+    assert story["frames"] == 5 and 0 < story["time_to_first_frame_s"] <= story["story_s"]
+    assert out["drawing"]["batching_gain"] > 0 and out["lm_loop"]["lm_ms_frame50_recompute"] > 0
+    assert out["resolution"] == real_size.SIZES["smoke"]["resolution"]
+
+
+@pytest.mark.slow
+def test_world_learning_scores_against_the_train_splits_most_frequent_answer(tiny_work, repo, capsys):
+    world_learning.main(["--config", str(repo / "configs" / "tiny.yaml"), "--work", str(tiny_work),
+                         "--steps", "4", "--eval-every", "2", "--eval-frames", "4", "--device", "cpu"])
+    out = _last_json(capsys)
+    assert [p["step"] for p in out["curve"]] == [2, 4] and out["frames_scored"] == 4
+    for point in out["curve"]:
+        guided = [key for key in point if key.startswith("guided_")]
+        assert len(guided) == 1, point
+        for scores in (point["unguided"], point[guided[0]], out["chance"]):
+            assert set(scores) == {"char_acc", "bg_acc"}
+            assert all(0 <= v <= 1 for v in scores.values())
