@@ -66,6 +66,7 @@ def write_weights(out: Path, size: dict, device: str) -> dict[str, str]:
                               CLIPVisionModelWithProjection, OPTConfig, OPTForCausalLM)
 
     from storygpt.models.tokenizers import train_clip_tokenizer, train_opt_tokenizer
+    from storygpt.models.zoo import SD15_SCHEDULE
 
     corpus = CAPTIONS * 4
     sd, vision_dir, lm_dir = out / "stable-diffusion-v1-5", out / "clip-vit-large-patch14", out / "opt-6.7b"
@@ -74,7 +75,6 @@ def write_weights(out: Path, size: dict, device: str) -> dict[str, str]:
 
     def save(model, directory: Path) -> None:
         model.to(torch.bfloat16).save_pretrained(directory)
-        del model
 
     with torch.device(device):
         save(CLIPTextModel(CLIPTextConfig(**size["clip_text"], hidden_act="quick_gelu", max_position_embeddings=77,
@@ -93,8 +93,7 @@ def write_weights(out: Path, size: dict, device: str) -> dict[str, str]:
     lm_tokenizer.save_pretrained(lm_dir)
     image = size["clip_vision"]["image_size"]
     CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image}).save_pretrained(vision_dir)
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                  clip_sample=False).save_pretrained(sd / "scheduler")
+    DDPMScheduler(**SD15_SCHEDULE).save_pretrained(sd / "scheduler")
     return {"models.clip_text": str(sd / "text_encoder"), "models.vae": str(sd / "vae"),
             "models.unet": str(sd / "unet"), "models.scheduler": str(sd / "scheduler"),
             "models.clip_vision": str(vision_dir), "models.lm": str(lm_dir)}

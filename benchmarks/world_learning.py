@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,33 +34,24 @@ def _prepare(cfg, work: Path) -> None:
         build_zoo_quietly(cfg, work / "zoo")
 
 
-def _truth(rows: list[dict], tolerance: int) -> list[tuple[tuple[str, ...], str]]:
-    from storygpt.data.record_schema import decode_png
-    from storygpt.world.detector import detect
-
-    found = [detect(decode_png(r["image"]), tolerance=tolerance) for r in rows]
-    return [(tuple(sorted(d.characters)), d.setting) for d in found]
-
-
 class Scorer:
     """Draws the first ``frames`` test captions (fusing the names they carry with train reference
-    crops, as evaluation does) in one batch and scores them with the detector."""
+    crops, as evaluation does) in one batch and scores them with the detector against the records'
+    cast and setting, as `storygpt evaluate` does; chance is its "Most frequent" row."""
 
     def __init__(self, model, cfg, train: list[dict], test: list[dict], frames: int):
         from storygpt.char_ldm.pipeline import CharLDMPipeline
         from storygpt.char_ldm.references import reference_crops
+        from storygpt.evaluation.report import most_frequent
 
         self.cfg, self.rows = cfg, test[:frames]
         self.pipeline = CharLDMPipeline(model, cfg)
         self.references = reference_crops(train)
-        self.truth = _truth(self.rows, cfg.evaluate.detector_tolerance)
-        train_truth = _truth(train, cfg.evaluate.detector_tolerance)
-        top_cast = Counter(c for c, _ in train_truth).most_common(1)[0][0]
-        top_setting = Counter(s for _, s in train_truth).most_common(1)[0][0]
-        self.chance = {"char_acc": sum(c == top_cast for c, _ in self.truth) / len(self.truth),
-                       "bg_acc": sum(s == top_setting for _, s in self.truth) / len(self.truth)}
+        chance = most_frequent(train, self.rows)
+        self.chance = {"char_acc": chance["char_acc"], "bg_acc": chance["bg_acc"]}
 
     def __call__(self, guidance: float) -> tuple[dict, list]:
+        from storygpt.evaluation.scores import character_scores, setting_scores
         from storygpt.world.detector import detect
 
         model = self.pipeline.model
@@ -73,13 +63,12 @@ class Scorer:
                                       self.cfg.evaluate.sample_steps, guidance)
         model.train()
         found = [detect(im, tolerance=self.cfg.evaluate.detector_tolerance) for im in images]
-        drawn = [(tuple(sorted(d.characters)), d.setting) for d in found]
-        n = len(drawn)
-        return ({"char_acc": sum(d[0] == t[0] for d, t in zip(drawn, self.truth)) / n,
-                 "bg_acc": sum(d[1] == t[1] for d, t in zip(drawn, self.truth)) / n}, images)
+        cast = character_scores([d.characters for d in found], [r["characters"] for r in self.rows])
+        setting = setting_scores([d.setting for d in found], [r["setting"] for r in self.rows])
+        return {"char_acc": cast["acc"], "bg_acc": setting["acc"]}, images
 
 
-def train(cfg, work: Path, steps: int, eval_every: int, eval_frames: int, device: str, out_png: Path | None) -> dict:
+def train(cfg, steps: int, eval_every: int, eval_frames: int, device: str, out_png: Path | None) -> dict:
     import numpy as np
     import torch
 
@@ -148,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     _prepare(cfg, work)
     steps = args.steps or cfg.char_ldm.max_steps
-    result = train(cfg, work, steps, args.eval_every, args.eval_frames, device,
+    result = train(cfg, steps, args.eval_every, args.eval_frames, device,
                    Path(args.png) if args.png else None)
     emit({"benchmark": "world_learning", "device": device, "config": Path(args.config).name,
           "overrides": args.set, "batch": cfg.char_ldm.batch_size, "lr": cfg.char_ldm.learning_rate,
