@@ -23,10 +23,10 @@ from storygpt.models.loading import load_unet
 
 torch.set_num_threads(2)
 
-# latent 32x32 (64 px, VAE x2): SD-1.5 layout halves per down block, so the supervised blocks
-# see 16x16, 8x8, 4x4 (mid), 8x8, 16x16; down_blocks.0 and up_blocks.3 (32x32) are not supervised
-SUPERVISED_PIXELS = {"down_blocks.1": 256, "down_blocks.2": 64, "mid_block": 16, "up_blocks.1": 64,
-                     "up_blocks.2": 256}
+# latent 16x16 (32 px, VAE x2): SD-1.5 layout halves per down block, so the supervised blocks
+# see 8x8, 4x4, 2x2 (mid), 4x4, 8x8; down_blocks.0 and up_blocks.3 (16x16) are not supervised
+SUPERVISED_PIXELS = {"down_blocks.1": 64, "down_blocks.2": 16, "mid_block": 4, "up_blocks.1": 16,
+                     "up_blocks.2": 64}
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -101,7 +101,7 @@ def test_only_the_supervised_cross_attention_layers_capture(model, batch, cfg):
                          and any(k.startswith(b + ".") for b in cfg.char_ldm.lreg_blocks)}
     assert all(isinstance(p, AttnProcessor2_0) for k, p in processors.items() if k not in capturing)
 
-    latents = torch.randn(2, 4, 32, 32)
+    latents = torch.randn(2, 4, cfg.char_ldm.resolution // 2, cfg.char_ldm.resolution // 2)
     text = torch.randn(2, 77, 64)
     with torch.no_grad(), model.attention.capturing() as store:
         captured = model.unet(latents, 10, text).sample

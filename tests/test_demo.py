@@ -25,7 +25,7 @@ def test_demo_runs_the_whole_pipeline_and_says_what_it_did(tmp_path, repo):
     assert f"story:    {grid}" in out.stdout
     from PIL import Image
 
-    assert Image.open(grid).size == (4 * 64, 64)  # four frames at the tiny resolution
+    assert Image.open(grid).size == (4 * 32, 32)  # four frames at the tiny resolution
     assert len(list((work / "char_ldm").iterdir())) == len(list((work / "aligner").iterdir())) == 1
     assert (work / "mlflow.db").is_file()
     summary = json.loads((work / "dataset_summary.json").read_text())

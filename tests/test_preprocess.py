@@ -32,8 +32,8 @@ def _inside_box(mask, box, tol=0.0):
 def test_world_with_resize_and_box_backends(ray_local, tiny_work, repo, tmp_path):
     from preprocessing.job import preprocess
 
-    manifest = preprocess(_cfg(repo, tiny_work, f"preprocess.output={tmp_path}/rec",
-                               "preprocess.masks.prefer_dataset_masks=false"))
+    cfg = _cfg(repo, tiny_work, f"preprocess.output={tmp_path}/rec", "preprocess.masks.prefer_dataset_masks=false")
+    manifest, size = preprocess(cfg), cfg.char_ldm.resolution
     c = manifest["counts"]
     assert c["frames_in"] == 50 and c["records_out"] == 50 and c["errors"] == 0
     records = read_table(tmp_path / "rec").to_pylist()
@@ -43,11 +43,11 @@ def test_world_with_resize_and_box_backends(ray_local, tiny_work, repo, tmp_path
 
     tok = load_clip_tokenizer(tiny_work / "zoo" / "clip_text")
     for r in records:
-        assert decode_png(r["image"]).shape == (64, 64, 3) and r["size"] == 64
+        assert decode_png(r["image"]).shape == (size, size, 3) and r["size"] == size
         assert len(r["masks"]) == len(r["boxes"]) == len(r["token_spans"]) == len(r["characters"])
         for name, box, mask, span in zip(r["characters"], r["boxes"], r["masks"], r["token_spans"]):
             m = decode_png(mask)
-            assert m.shape == (64, 64) and m.any() and _inside_box(m, box)  # box backend: mask = box
+            assert m.shape == (size, size) and m.any() and _inside_box(m, box)  # box backend: mask = box
             ids = tok(r["caption"])["input_ids"][span[0] : span[1]]
             assert "".join(tok.convert_ids_to_tokens(ids)).replace("</w>", "") == name.lower()
     assert manifest["versions"]["ray"] and manifest["config"]["preprocess.masks.backend"] == "box"
@@ -59,7 +59,7 @@ def test_world_with_tiny_ldm_upscaler_and_sam(ray_local, tiny_work, repo, tmp_pa
     cfg = _cfg(repo, tiny_work, f"preprocess.output={tmp_path}/rec", "preprocess.splits=[val, test]",
                "preprocess.super_resolution.backend=ldm", "preprocess.masks.backend=sam",
                "preprocess.masks.prefer_dataset_masks=false")
-    manifest = preprocess(cfg)
+    manifest, size = preprocess(cfg), cfg.char_ldm.resolution
     records = read_table(tmp_path / "rec").to_pylist()
     assert len(records) == manifest["counts"]["records_out"] == 20
     with_boxes = [r for r in records if any(b is not None for b in r["boxes"])]
@@ -68,10 +68,10 @@ def test_world_with_tiny_ldm_upscaler_and_sam(ray_local, tiny_work, repo, tmp_pa
     assert c["mask_encoder_runs"] == len(with_boxes)
     assert c["boxes_masked"] == sum(len(r["boxes"]) for r in with_boxes) > len(with_boxes)
     for r in records:
-        assert decode_png(r["image"]).shape == (64, 64, 3)
+        assert decode_png(r["image"]).shape == (size, size, 3)
         for box, mask in zip(r["boxes"], r["masks"]):
             m = decode_png(mask)
-            assert m.shape == (64, 64) and (not m.any() or _inside_box(m, box))  # SAM clipped to box
+            assert m.shape == (size, size) and (not m.any() or _inside_box(m, box))  # SAM clipped to box
 
 
 def _corrupt(world):

@@ -209,8 +209,9 @@ def _vae(zoo: TinyZooConfig, seed: int, out: Path) -> None:
 # Reconstruction steps on rendered frames. Each batch is one crop centred on each character (so
 # every colour is seen every step: with random crops, similar hues stayed merged on some seeds)
 # and one crop anywhere (backgrounds, empty frames); character pixels weigh VAE_CHARACTER_WEIGHT.
-# 20 px crops: ~0.08 s a step on one core (24 px: 0.1 s, no better); 300 steps are needed
-# (after 200, 84-87% of casts were detected on 1 seed of 2).
+# 20 px crops: ~0.07 s a step on one core (24 px: 0.1 s, no better). At 64 px 300 steps were needed
+# (after 200, 84-87% of casts were detected on 1 seed of 2); at 32 px, where a character is 7-11 px
+# wide, 600 (after 300: 65%; 450: 93%; 600: 99-100% on 2 seeds).
 VAE_PRETRAIN_LR, VAE_WARMUP_STEPS, VAE_CROP, VAE_RANDOM_CROPS = 2e-3, 20, 20, 1
 VAE_CHARACTER_WEIGHT = 3.0
 VAE_KL_WEIGHT = 1e-6  # SD's (LDM's kl_weight), against the per-image sum of the L1 error
@@ -220,7 +221,7 @@ VAE_SCALE_FRAMES = 64
 def _pretrain_vae(vae: AutoencoderKL, steps: int, resolution: int, seed: int) -> None:
     """L1 + KL on posterior samples, as the Char-LDM encodes (``latent_dist.sample()``): the
     decoder learns to decode the noisy latents the UNet is taught to produce, not only the mean.
-    ~23 s on one CPU core at 64 px with the tiny sizes (300 steps of 8 crops of 20 px)."""
+    ~42 s on one CPU core with the tiny sizes (600 steps of 8 crops of 20 px)."""
     # Residual branches start at zero, a near-linear autoencoder: on 2 seeds, casts were then
     # detected in 97-100% of reconstructions, 93-95% with diffusers' initialisation.
     for block in vae.modules():
