@@ -99,6 +99,10 @@ class TinyZooConfig(Section):
     lm_pretrain_steps: int = Field(ge=0, description="next-token steps on world stories: the frozen LM must know the language")
     vae_pretrain_steps: int = Field(
         ge=0, description="reconstruction steps on rendered world frames: a random VAE cannot decode what the UNet learns")
+    scheduler_prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    scheduler_zero_terminal_snr: bool = Field(
+        default=False, description="SD-1.5's schedule rescaled to zero SNR at t=T, sampled from t=T "
+                                   "(Lin et al. 2024): the last step is pure noise, so only the caption can set the scene")
     sam_image_size: int
     sam_embed_dim: int
     sam_depth: int
@@ -168,7 +172,8 @@ class CharLDMConfig(Section):
     batch_size: int = Field(gt=0, description="global batch (all workers, before accumulation)")
     max_steps: int = Field(gt=0)
     mixed_precision: Literal["no", "bf16"]
-    prediction_type: Literal["epsilon"]
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        description="what the UNet predicts; must be models.scheduler's prediction_type")
     snr_gamma: float | None = Field(gt=0, description="Min-SNR-gamma loss weighting; null: plain MSE (the paper)")
     sample_steps: int = Field(gt=0)
     guidance_scale: float = Field(ge=1)

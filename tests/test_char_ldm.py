@@ -276,6 +276,46 @@ def test_min_snr_weights_follow_the_snr_and_weight_each_sample(model):
     assert torch.allclose(noise_loss(pred, target, weights), (((pred - target) ** 2).mean((1, 2, 3)) * weights).mean())
 
 
+
+@pytest.mark.slow
+def test_zero_terminal_snr_with_v_prediction(repo, cfg, records, tmp_path):
+    """``zoo.scheduler_zero_terminal_snr`` + v-prediction: x_T holds nothing of the frame, DDIM
+    starts there, the UNet learns v, Min-SNR keeps t = T at weight 1; a config whose
+    ``char_ldm.prediction_type`` disagrees with the scheduler is refused by name."""
+    from diffusers import DDIMScheduler
+
+    from storygpt.char_ldm.training import diffusion_target
+    from storygpt.config import ConfigError
+    from storygpt.models.loading import load_scheduler
+    from storygpt.models.zoo import BUILDERS
+
+    zoo = cfg.zoo.model_copy(update={"scheduler_prediction_type": "v_prediction", "scheduler_zero_terminal_snr": True})
+    BUILDERS["scheduler"](zoo, [], [], 0, tmp_path / "scheduler")
+    scheduler, sd = load_scheduler(tmp_path / "scheduler"), load_scheduler(cfg.path(cfg.models.scheduler))
+    assert scheduler.alphas_cumprod[-1] < 1e-6 < 1e-3 < sd.alphas_cumprod[-1]
+    sampler = DDIMScheduler.from_config(scheduler.config)
+    sampler.set_timesteps(10)
+    assert sampler.timesteps[0] == 999 and sampler.config.prediction_type == "v_prediction"
+    t = torch.tensor([0, 999])
+    assert min_snr_weights(scheduler, t, 5.0)[1] == 1 and min_snr_weights(scheduler, t, 5.0)[0] < 0.01
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(diffusion_target(scheduler, x0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+    torch.testing.assert_close(diffusion_target(sd, x0, noise, t), noise)  # ε: the paper
+
+    overrides = [f"work_dir={cfg.work_dir}", f"models.scheduler={tmp_path / 'scheduler'}"]
+    with pytest.raises(ConfigError, match="char_ldm.prediction_type: expected 'v_prediction'"):
+        CharLDM.from_config(load_config(repo / "configs" / "tiny.yaml", overrides))
+    vcfg = load_config(repo / "configs" / "tiny.yaml", [*overrides, "char_ldm.prediction_type=v_prediction"])
+    torch.manual_seed(0)
+    model = CharLDM.from_config(vcfg)
+    out = model(collate(records[:2], model, vcfg.char_ldm, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and out["noise_loss"] > 0
+    pipe = CharLDMPipeline(model.eval(), vcfg)
+    frames = pipe.sample(pipe.encode(["Ada waves hello."], [["Ada"]]), [0], steps=2)
+    assert frames[0].shape == (vcfg.char_ldm.resolution, vcfg.char_ldm.resolution, 3)
+
+
 def test_snr_gamma_from_the_config_reweights_the_training_loss(model, batch, cfg):
     plain = model(batch, torch.Generator().manual_seed(0))["noise_loss"]
     # gamma below almost every step's SNR (SD-1.5's runs 0.005..580): nearly every weight < 1

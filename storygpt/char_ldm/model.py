@@ -29,8 +29,8 @@ from storygpt.char_ldm.encoders import (
 from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.latents import to_latent_space
 from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
-from storygpt.char_ldm.training import min_snr_weights, noise_loss
-from storygpt.config import CharLDMConfig, StoryConfig
+from storygpt.char_ldm.training import diffusion_target, min_snr_weights, noise_loss
+from storygpt.config import CharLDMConfig, ConfigError, StoryConfig
 from storygpt.models.loading import load_clip_text, load_clip_vision, load_scheduler, load_unet, load_vae
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -80,6 +80,10 @@ class CharLDM(nn.Module):
         fuser.to(dtype)
         vae = load_vae(cfg.require_dir("models.vae"), dtype)
         scheduler = load_scheduler(cfg.require_dir("models.scheduler"))
+        if scheduler.config.prediction_type != cfg.char_ldm.prediction_type:
+            raise ConfigError(f"char_ldm.prediction_type: expected {scheduler.config.prediction_type!r}, the "
+                              f"prediction_type of models.scheduler ('{cfg.models.scheduler}'), got "
+                              f"{cfg.char_ldm.prediction_type!r}")
         return cls(cfg.char_ldm, vae, unet, text_encoder, tokenizer, image_processor, vision, fuser, scheduler)
 
     def save_trained(self, out_dir: str | Path) -> None:
@@ -146,7 +150,7 @@ class CharLDM(nn.Module):
             pred = self.unet(noisy, timesteps, conditioning).sample
             maps = store.maps
         weights = None if cfg.snr_gamma is None else min_snr_weights(self.noise_scheduler, timesteps, cfg.snr_gamma)
-        denoise = noise_loss(pred, noise, weights)
+        denoise = noise_loss(pred, diffusion_target(self.noise_scheduler, latents, noise, timesteps), weights)
         if capture:
             inside, outside = mask_attention(maps, batch["char_token_idx"], batch["char_masks"])
             lreg = lreg_loss(inside, outside, supervised)

@@ -182,13 +182,13 @@ class CharLDMPipeline:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
                     model.attention.capturing(on_step is not None) as store:
                 x = sampler.scale_model_input(x, t).to(conditioning.dtype)
-                eps = model.unet(x, t, conditioning).sample.float()
+                pred = model.unet(x, t, conditioning).sample.float()  # ε or v: the sampler knows which
                 if on_step is not None:
                     on_step(store.maps, len(x))
             if guided:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + guidance * (cond - uncond)
-            latents = sampler.step(eps, t, latents).prev_sample
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance * (cond - uncond)
+            latents = sampler.step(pred, t, latents).prev_sample
         images = model.vae.decode(from_latent_space(model.vae, latents.to(model.vae.dtype))).sample
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return list(images.permute(0, 2, 3, 1).cpu().numpy())

@@ -105,7 +105,7 @@ BUILDERS: dict[str, Builder] = {
     "clip_text": lambda zoo, corpus, stories, seed, d: _clip_text(zoo, corpus, d),
     "clip_vision": lambda zoo, corpus, stories, seed, d: _clip_vision(zoo, d),
     "unet": lambda zoo, corpus, stories, seed, d: _unet(zoo, d),
-    "scheduler": lambda zoo, corpus, stories, seed, d: DDPMScheduler(**SD15_SCHEDULE).save_pretrained(d),
+    "scheduler": lambda zoo, corpus, stories, seed, d: _scheduler(zoo, d),
     "sam": lambda zoo, corpus, stories, seed, d: _sam(zoo, d),
     "super_resolution": lambda zoo, corpus, stories, seed, d: _super_resolution(zoo, d),
 }
@@ -173,6 +173,17 @@ def _clip_vision(zoo: TinyZooConfig, out: Path) -> None:
     size = zoo.vision_image_size  # otherwise OpenAI CLIP's: resize, centre crop, CLIP mean/std
     crop = {"height": size, "width": size}
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size=crop).save_pretrained(out)
+
+
+def _scheduler(zoo: TinyZooConfig, out: Path) -> None:
+    """SD-1.5's schedule. With ``scheduler_zero_terminal_snr`` rescaled so x_T is pure noise and
+    sampled from t = T (``trailing``): under SD's own schedule x_999 still carries 7 % of the frame,
+    enough of a 16² latent's flat background for the UNet to copy it instead of reading the
+    caption, and sampling, which starts from pure noise, then takes the scene from the seed."""
+    schedule = {**SD15_SCHEDULE, "prediction_type": zoo.scheduler_prediction_type}
+    if zoo.scheduler_zero_terminal_snr:
+        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0)
+    DDPMScheduler(**schedule).save_pretrained(out)
 
 
 def _vae(zoo: TinyZooConfig, seed: int, out: Path) -> None:
