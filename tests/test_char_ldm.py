@@ -263,8 +263,12 @@ def test_training_step_reports_its_losses(model, batch, cfg):
     assert off["noise_loss"].item() == pytest.approx(out["noise_loss"].item(), rel=1e-4)
 
 
-def test_min_snr_weights_follow_the_snr_and_weight_each_sample(model):
-    scheduler = model.noise_scheduler
+def test_min_snr_weights_follow_the_snr_and_weight_each_sample():
+    from diffusers import DDPMScheduler
+
+    from storygpt.models.zoo import SD15_SCHEDULE
+
+    scheduler = DDPMScheduler(**SD15_SCHEDULE)  # ε-prediction, as the paper
     t = torch.tensor([0, 300, 999])
     weights = min_snr_weights(scheduler, t, 5.0)
     alphas = scheduler.alphas_cumprod[t]
@@ -279,19 +283,21 @@ def test_min_snr_weights_follow_the_snr_and_weight_each_sample(model):
 
 @pytest.mark.slow
 def test_zero_terminal_snr_with_v_prediction(repo, cfg, records, tmp_path):
-    """``zoo.scheduler_zero_terminal_snr`` + v-prediction: x_T holds nothing of the frame, DDIM
-    starts there, the UNet learns v, Min-SNR keeps t = T at weight 1; a config whose
-    ``char_ldm.prediction_type`` disagrees with the scheduler is refused by name."""
+    """The tiny preset's scheduler (``zoo.scheduler_zero_terminal_snr`` + v-prediction): x_T holds
+    nothing of the frame, DDIM starts there, the UNet learns v, Min-SNR keeps t = T at weight 1.
+    SD's ε schedule (the zoo's default) still trains on ε; a config whose ``char_ldm.prediction_type``
+    disagrees with the scheduler is refused by name."""
     from diffusers import DDIMScheduler
 
     from storygpt.char_ldm.training import diffusion_target
-    from storygpt.config import ConfigError
+    from storygpt.config import ConfigError, TinyZooConfig
     from storygpt.models.loading import load_scheduler
     from storygpt.models.zoo import BUILDERS
 
-    zoo = cfg.zoo.model_copy(update={"scheduler_prediction_type": "v_prediction", "scheduler_zero_terminal_snr": True})
-    BUILDERS["scheduler"](zoo, [], [], 0, tmp_path / "scheduler")
-    scheduler, sd = load_scheduler(tmp_path / "scheduler"), load_scheduler(cfg.path(cfg.models.scheduler))
+    assert cfg.zoo.scheduler_zero_terminal_snr and cfg.char_ldm.prediction_type == "v_prediction"
+    defaults = {k: f.default for k, f in TinyZooConfig.model_fields.items() if k.startswith("scheduler_")}
+    BUILDERS["scheduler"](cfg.zoo.model_copy(update=defaults), [], [], 0, tmp_path / "sd")
+    scheduler, sd = load_scheduler(cfg.path(cfg.models.scheduler)), load_scheduler(tmp_path / "sd")
     assert scheduler.alphas_cumprod[-1] < 1e-6 < 1e-3 < sd.alphas_cumprod[-1]
     sampler = DDIMScheduler.from_config(scheduler.config)
     sampler.set_timesteps(10)
@@ -303,17 +309,17 @@ def test_zero_terminal_snr_with_v_prediction(repo, cfg, records, tmp_path):
     torch.testing.assert_close(diffusion_target(scheduler, x0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * x0)
     torch.testing.assert_close(diffusion_target(sd, x0, noise, t), noise)  # ε: the paper
 
-    overrides = [f"work_dir={cfg.work_dir}", f"models.scheduler={tmp_path / 'scheduler'}"]
-    with pytest.raises(ConfigError, match="char_ldm.prediction_type: expected 'v_prediction'"):
+    overrides = [f"work_dir={cfg.work_dir}", f"models.scheduler={tmp_path / 'sd'}"]
+    with pytest.raises(ConfigError, match="char_ldm.prediction_type: expected 'epsilon'"):
         CharLDM.from_config(load_config(repo / "configs" / "tiny.yaml", overrides))
-    vcfg = load_config(repo / "configs" / "tiny.yaml", [*overrides, "char_ldm.prediction_type=v_prediction"])
+    eps_cfg = load_config(repo / "configs" / "tiny.yaml", [*overrides, "char_ldm.prediction_type=epsilon"])
     torch.manual_seed(0)
-    model = CharLDM.from_config(vcfg)
-    out = model(collate(records[:2], model, vcfg.char_ldm, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(0))
+    model = CharLDM.from_config(eps_cfg)
+    out = model(collate(records[:2], model, eps_cfg.char_ldm, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"]) and out["noise_loss"] > 0
-    pipe = CharLDMPipeline(model.eval(), vcfg)
+    pipe = CharLDMPipeline(model.eval(), eps_cfg)
     frames = pipe.sample(pipe.encode(["Ada waves hello."], [["Ada"]]), [0], steps=2)
-    assert frames[0].shape == (vcfg.char_ldm.resolution, vcfg.char_ldm.resolution, 3)
+    assert frames[0].shape == (eps_cfg.char_ldm.resolution, eps_cfg.char_ldm.resolution, 3)
 
 
 def test_snr_gamma_from_the_config_reweights_the_training_loss(model, batch, cfg):
