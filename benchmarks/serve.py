@@ -10,7 +10,8 @@ figures with batching off (``max_batch_size=1``) to separate batching from mere 
 A story's frames are sequential (frame i is fed back to the LM before frame i+1), so one story
 keeps one Char-LDM replica busy at a time. The tiny preset runs two replicas, one per core of a
 2-core machine: 8 stories spread over both and batch within each, so on CPU the gain is
-replicas x batching (a tiny UNet on one core is compute-bound: batching alone gave ~1.1x).
+replicas x batching (batching alone gave ~1.1x at 64 px, where a tiny UNet on one core is
+compute-bound, and ~1.5x at the tiny preset's 32 px).
 """
 
 from __future__ import annotations

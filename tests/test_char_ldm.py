@@ -312,6 +312,9 @@ def test_zero_terminal_snr_with_v_prediction(repo, cfg, records, tmp_path):
     overrides = [f"work_dir={cfg.work_dir}", f"models.scheduler={tmp_path / 'sd'}"]
     with pytest.raises(ConfigError, match="char_ldm.prediction_type: expected 'epsilon'"):
         CharLDM.from_config(load_config(repo / "configs" / "tiny.yaml", overrides))
+    pndm = [f"work_dir={cfg.work_dir}", "char_ldm.sampler=pndm"]
+    with pytest.raises(ConfigError, match="char_ldm.sampler: expected 'ddim'"):
+        CharLDM.from_config(load_config(repo / "configs" / "tiny.yaml", pndm))
     eps_cfg = load_config(repo / "configs" / "tiny.yaml", [*overrides, "char_ldm.prediction_type=epsilon"])
     torch.manual_seed(0)
     model = CharLDM.from_config(eps_cfg)

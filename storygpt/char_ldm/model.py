@@ -84,6 +84,9 @@ class CharLDM(nn.Module):
             raise ConfigError(f"char_ldm.prediction_type: expected {scheduler.config.prediction_type!r}, the "
                               f"prediction_type of models.scheduler ('{cfg.models.scheduler}'), got "
                               f"{cfg.char_ldm.prediction_type!r}")
+        if scheduler.config.get("rescale_betas_zero_snr") and cfg.char_ldm.sampler != "ddim":
+            raise ConfigError(f"char_ldm.sampler: expected 'ddim' for the zero-terminal-SNR schedule at models.scheduler "
+                              f"(PNDM has none), got {cfg.char_ldm.sampler!r}")
         return cls(cfg.char_ldm, vae, unet, text_encoder, tokenizer, image_processor, vision, fuser, scheduler)
 
     def save_trained(self, out_dir: str | Path) -> None:
