@@ -144,6 +144,20 @@ class MetricWindow:
         return metrics
 
 
+def micro_batches(shard, micro: int, field: str):
+    """This worker's shard as micro batches, epoch after epoch (``drop_last``: every rank takes the
+    same number of steps). A shard smaller than one micro batch yields nothing, and the training
+    loop would wait forever: that is refused, naming the config field that sets the batch."""
+    while True:
+        empty = True
+        for rows in shard.iter_batches(batch_size=micro, batch_format="pyarrow", drop_last=True):
+            empty = False
+            yield rows
+        if empty:
+            raise ConfigError(f"{field}: expected a batch the train split can fill: each worker needs {micro} "
+                              f"rows per micro batch and its shard of the train split has fewer")
+
+
 def start_engine(cfg: StoryConfig, model: torch.nn.Module, stage, world_size: int, rank: int):
     """A DeepSpeed engine over ``model.trainable_parameters()`` with AdamW and linear warm-up from
     ``stage`` (``cfg.char_ldm`` or ``cfg.aligner``), resumed from Ray Train's checkpoint if any.

@@ -120,7 +120,8 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, resume_metrics, start_engine
+    from ray_jobs.runtime import (MetricWindow, export_trained, micro_batches, report_checkpoint, resume_metrics,
+                                  start_engine)
     from ray_jobs.tracking import Tracker
     from storygpt.aligner.data import collate
     from storygpt.aligner.model import StoryAligner
@@ -144,24 +145,23 @@ def train_loop(config: dict) -> None:
     # --- train
     window = MetricWindow(METRICS, counters=("tokens", "samples"))
     last = {}
+    batches = micro_batches(shard, micro, "aligner.batch_size")
     while step < stage.max_steps:
-        for rows in shard.iter_batches(batch_size=micro, batch_format="pyarrow", drop_last=True):
-            batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), aligner).items()}
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
-            window.update(out, tokens=float(batch["attention_mask"].sum()), samples=micro)
-            if engine.global_steps == step:
-                continue  # mid gradient accumulation: no optimizer step yet
-            step = engine.global_steps
-            if step % stage.log_every == 0 or step == stage.max_steps:
-                last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
-                last.update(_reference_accuracy(engine, evaluation, candidates, micro))
-                tracker.log(last, step)
-            if step % train.checkpoint_every == 0 or step == stage.max_steps:
-                report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
-            if step >= stage.max_steps:
-                break
+        rows = next(batches)
+        batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), aligner).items()}
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+        window.update(out, tokens=float(batch["attention_mask"].sum()), samples=micro)
+        if engine.global_steps == step:
+            continue  # mid gradient accumulation: no optimizer step yet
+        step = engine.global_steps
+        if step % stage.log_every == 0 or step == stage.max_steps:
+            last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
+            last.update(_reference_accuracy(engine, evaluation, candidates, micro))
+            tracker.log(last, step)
+        if step % train.checkpoint_every == 0 or step == stage.max_steps:
+            report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
 
     # --- export (every rank gathers under ZeRO-3; rank 0 writes and logs)
     export_trained(engine, cfg, "aligner", config["run_name"], rank, tracker)

@@ -54,7 +54,8 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, resume_metrics, start_engine
+    from ray_jobs.runtime import (MetricWindow, export_trained, micro_batches, report_checkpoint, resume_metrics,
+                                  start_engine)
     from ray_jobs.tracking import Tracker
     from storygpt.char_ldm.data import collate
     from storygpt.char_ldm.model import CharLDM
@@ -78,27 +79,26 @@ def train_loop(config: dict) -> None:
     # --- train
     window = MetricWindow(METRICS, counters=("samples",))
     last, sample_rows = {}, None
+    batches = micro_batches(shard, micro, "char_ldm.batch_size")
     while step < ldm.max_steps:
-        for rows in shard.iter_batches(batch_size=micro, batch_format="pyarrow", drop_last=True):
-            batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), model, ldm, generator).items()}
-            out = engine(batch, generator)
-            engine.backward(out["loss"])
-            engine.step()
-            window.update(out, samples=micro)  # summed over ranks at collect
-            if engine.global_steps == step:
-                continue  # mid gradient accumulation: no optimizer step yet
-            step = engine.global_steps
-            if step % ldm.log_every == 0 or step == ldm.max_steps:
-                last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
-                tracker.log(last, step)
-            if step % ldm.sample_every == 0:
-                # every rank draws the same samples: under ZeRO-3 each module call gathers its weights
-                sample_rows = sample_rows or _broadcast(rows.to_pylist(), dist)
-                _log_samples(tracker, engine.module, sample_rows, cfg, step)
-            if step % train.checkpoint_every == 0 or step == ldm.max_steps:
-                report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
-            if step >= ldm.max_steps:
-                break
+        rows = next(batches)
+        batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), model, ldm, generator).items()}
+        out = engine(batch, generator)
+        engine.backward(out["loss"])
+        engine.step()
+        window.update(out, samples=micro)  # summed over ranks at collect
+        if engine.global_steps == step:
+            continue  # mid gradient accumulation: no optimizer step yet
+        step = engine.global_steps
+        if step % ldm.log_every == 0 or step == ldm.max_steps:
+            last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
+            tracker.log(last, step)
+        if step % ldm.sample_every == 0:
+            # every rank draws the same samples: under ZeRO-3 each module call gathers its weights
+            sample_rows = sample_rows or _broadcast(rows.to_pylist(), dist)
+            _log_samples(tracker, engine.module, sample_rows, cfg, step)
+        if step % train.checkpoint_every == 0 or step == ldm.max_steps:
+            report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
 
     # --- export (every rank gathers under ZeRO-3; rank 0 writes and logs)
     export_trained(engine, cfg, "char_ldm", config["run_name"], rank, tracker)

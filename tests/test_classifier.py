@@ -145,8 +145,10 @@ def world_records(ray_local, tiny_work, repo, tmp_path_factory):
     root = tmp_path_factory.mktemp("classifier_world")
     generate_world(root / "world", stories=40, seed=11, image_size=128, clip_frames=2,
                    val_fraction=0.2, test_fraction=0.2)
+    # 64 px records, where the margins below were measured: at the quickstart's 32 px the trained
+    # classifier's held-out Char-Acc was 0.225 against the majority's 0.04 (README, Evaluate)
     preprocess(load_config(repo / "configs" / "tiny.yaml", [f"work_dir={tiny_work}", f"data.root={root / 'world'}",
-                                                           f"preprocess.output={root / 'records'}"]))
+                                                           f"preprocess.output={root / 'records'}", "char_ldm.resolution=64"]))
     return root / "records"
 
 

@@ -272,7 +272,7 @@ def head(_head_process, job_work):
     return _head_process
 
 
-SMALL_RUN = ["--set", "char_ldm.max_steps=4", "--set", "train.checkpoint_every=2",
+SMALL_RUN = ["--set", "char_ldm.max_steps=4", "--set", "train.checkpoint_every=2", "--set", "char_ldm.batch_size=4",
              "--set", "char_ldm.sample_every=1000", "--set", "char_ldm.log_every=2"]
 
 

@@ -91,3 +91,14 @@ def test_killed_training_resumes_at_the_right_step_with_its_optimizer_state(reco
     _, _, losses = _history(cfg, "loss")
     steps = [m.step for m in losses]
     assert steps == sorted(set(steps)) == list(range(2, 13, 2))  # no step logged twice, none missing
+
+
+def test_a_batch_the_shard_cannot_fill_is_refused_by_name(ray_local):
+    """With drop_last, a shard smaller than one micro batch yields nothing: the loop would spin."""
+    from ray_jobs.runtime import micro_batches
+    from storygpt.config import ConfigError
+
+    batches = micro_batches(ray_local.data.from_items([{"x": i} for i in range(5)]).iterator(), 2, "char_ldm.batch_size")
+    assert [next(batches).num_rows for _ in range(5)] == [2] * 5  # epoch after epoch, the odd row dropped
+    with pytest.raises(ConfigError, match=r"char_ldm\.batch_size: expected a batch the train split can fill"):
+        next(micro_batches(ray_local.data.from_items([{"x": 1}]).iterator(), 2, "char_ldm.batch_size"))
