@@ -23,6 +23,7 @@ def test_demo_runs_the_whole_pipeline_and_says_what_it_did(tmp_path, repo):
     assert tables[0].read_text().splitlines()[0] in out.stdout  # the table is printed too
     grid = work / "story" / "story.png"
     assert f"story:    {grid}" in out.stdout
+    assert "(Char-LDM, exact detector: Char-Acc" in out.stdout  # the closing verdict, from the scores
     from PIL import Image
 
     assert Image.open(grid).size == (4 * 32, 32)  # four frames at the tiny resolution
@@ -38,3 +39,15 @@ def test_demo_runs_the_whole_pipeline_and_says_what_it_did(tmp_path, repo):
     from storygpt.models.loading import load_unet
 
     assert load_unet(work / "zoo" / "unet").config.cross_attention_dim == 64
+
+
+def test_demo_verdict_says_learned_only_when_both_scores_reach_twice_chance():
+    from ray_jobs.demo import _verdict
+
+    chance = {"char_acc": 0.05, "bg_acc": 0.10}
+    learned = _verdict({"char_ldm/original": {"det_char_acc": 0.55, "det_bg_acc": 0.58}, "most_frequent": chance})
+    assert "Char-Acc 55.0 % (chance 5.0 %), BG-Acc 58.0 % (chance 10.0 %)" in learned
+    assert "twice chance)" in learned and "prove the pipeline" not in learned
+    settings_missed = _verdict({"char_ldm/original": {"det_char_acc": 0.55, "det_bg_acc": 0.15},
+                                "most_frequent": chance})
+    assert "prove the pipeline, not the method" in settings_missed
