@@ -67,6 +67,15 @@ class CharLDM(nn.Module):
     ) -> CharLDM:
         """The parts from ``cfg.models``; with ``trained_dir`` (what :meth:`save_trained` wrote),
         its UNet, fuser and vision layers replace the pretrained ones."""
+        # the schedule first: a config that disagrees with it fails before the big parts load
+        scheduler = load_scheduler(cfg.require_dir("models.scheduler"))
+        if scheduler.config.prediction_type != cfg.char_ldm.prediction_type:
+            raise ConfigError(f"char_ldm.prediction_type: expected {scheduler.config.prediction_type!r}, the "
+                              f"prediction_type of models.scheduler ('{cfg.models.scheduler}'), got "
+                              f"{cfg.char_ldm.prediction_type!r}")
+        if scheduler.config.get("rescale_betas_zero_snr") and cfg.char_ldm.sampler != "ddim":
+            raise ConfigError(f"char_ldm.sampler: expected 'ddim' for the zero-terminal-SNR schedule at models.scheduler "
+                              f"(PNDM has none), got {cfg.char_ldm.sampler!r}")
         tokenizer, text_encoder = load_clip_text(cfg.require_dir("models.clip_text"), dtype)
         image_processor, vision = load_clip_vision(cfg.require_dir("models.clip_vision"), dtype)
         trained = Path(trained_dir) if trained_dir is not None else None
@@ -79,14 +88,6 @@ class CharLDM(nn.Module):
             fuser = CharacterFuser(text_encoder.config.hidden_size, vision.config.projection_dim)
         fuser.to(dtype)
         vae = load_vae(cfg.require_dir("models.vae"), dtype)
-        scheduler = load_scheduler(cfg.require_dir("models.scheduler"))
-        if scheduler.config.prediction_type != cfg.char_ldm.prediction_type:
-            raise ConfigError(f"char_ldm.prediction_type: expected {scheduler.config.prediction_type!r}, the "
-                              f"prediction_type of models.scheduler ('{cfg.models.scheduler}'), got "
-                              f"{cfg.char_ldm.prediction_type!r}")
-        if scheduler.config.get("rescale_betas_zero_snr") and cfg.char_ldm.sampler != "ddim":
-            raise ConfigError(f"char_ldm.sampler: expected 'ddim' for the zero-terminal-SNR schedule at models.scheduler "
-                              f"(PNDM has none), got {cfg.char_ldm.sampler!r}")
         return cls(cfg.char_ldm, vae, unet, text_encoder, tokenizer, image_processor, vision, fuser, scheduler)
 
     def save_trained(self, out_dir: str | Path) -> None:
