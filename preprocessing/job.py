@@ -64,7 +64,7 @@ def preprocess(cfg: StoryConfig) -> dict:
     rows, read_errors = [], []
     for split in cfg.preprocess.splits:
         options = ReadOptions(split, cfg.data.frames_per_story, cfg.data.clip_frame, cfg.data.box_source_size,
-                              on_error="skip", check_files=False)
+                              on_error="skip", check_files=False, referential_rule=cfg.data.referential_rule)
         stories, report = read_stories(cfg.data.format, cfg.path(cfg.data.root), table, options)
         rows += [prepare.frame_row(f, split) for s in stories for f in s.frames]
         read_errors += [{"id": s.id, "story_id": s.id, "stage": "read", "reason": f"{s.file}: {s.reason}",

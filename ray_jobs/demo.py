@@ -64,6 +64,10 @@ def run(args) -> int:
     print(f"  MLflow:   experiment '{cfg.mlflow.experiment}' at {tracking_uri(cfg)}  "
           f"(mlflow ui --backend-store-uri {tracking_uri(cfg)})")
     print("  " + _verdict(evaluation["results"]))
+    from storygpt.evaluation.report import referential_verdict
+
+    if (line := referential_verdict(evaluation["results"])) is not None:
+        print("  " + line)
     return 0
 
 
@@ -104,7 +108,8 @@ def _summary(cfg: StoryConfig, results: dict) -> dict:
     out = {}
     for split in ("train", "val", "test"):
         options = ReadOptions(split, cfg.data.frames_per_story, cfg.data.clip_frame,
-                              cfg.data.box_source_size, cfg.data.on_error)
+                              cfg.data.box_source_size, cfg.data.on_error,
+                              referential_rule=cfg.data.referential_rule)
         stories, report = read_stories(cfg.data.format, cfg.path(cfg.data.root), table, options)
         frames = [f for s in stories for f in s.frames]
         out[split] = {

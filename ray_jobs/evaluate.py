@@ -7,7 +7,7 @@ The paper's evaluation as a Ray Data job over the test split (``evaluate.*``):
     (actor pool: Inception-v3 classifier, BLIP-2 captioner, FID features, world detector)
 
 Each Table-1 row (``evaluate.rows``, e.g. ``storygpt/referential``) draws every story, plus
-the long-story runs (consecutive stories chained to ``evaluate.long_story_frames``). The driver
+the long-story runs (``evaluate.long_story_frames`` consecutive frames, each once; Table 5). The driver
 turns the scored frames into figures (:mod:`storygpt.evaluation.report`): ``table.md`` laid out
 like the paper's Table 1, ``scores.json``, the generated frames as PNG, and one MLflow run.
 """
@@ -49,6 +49,7 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
 
     from storygpt.char_ldm.references import train_reference_crops
     from storygpt.data.characters import get_table
+    from storygpt.data.readers import frame_position
     from storygpt.data.record_schema import read_table
     from storygpt.evaluation.report import markdown, most_frequent, summarize
     from storygpt.evaluation.stories import FRAME_FIELDS, long_stories, split_stories
@@ -67,15 +68,17 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
         raise ConfigError(f"evaluate.split: no {ev.split} story of >= {story_frames} frames in '{records_dir}'")
     runs = {story_frames: stories}
     whole = split_stories(meta, ev.split)
+    table = get_table(cfg.data.dataset)
     for n in ev.long_story_frames:
-        chained = long_stories(whole, n, ev.long_stories)
+        chained = long_stories(whole, n, ev.long_stories, frame_position(cfg.data.format), table,
+                               cfg.data.referential_rule)
         if chained:
             runs[n] = chained
     skipped = [n for n in ev.long_story_frames if n not in runs and ev.long_stories]
     char_ldm_dir = trained_dir(cfg, "char_ldm", char_ldm)
     needs_aligner = any(r.startswith("storygpt/") for r in ev.rows)
     aligner_dir = trained_dir(cfg, "aligner", aligner) if needs_aligner else None
-    crops = train_reference_crops(records_dir, get_table(cfg.data.dataset).names, cfg.seed)
+    crops = train_reference_crops(records_dir, table.names, cfg.seed)
     references = {name: crop.tolist() for name, crop in crops.items()}
 
     tasks = [{"row": row, "length": n, "story_id": story[0]["story_id"], "seed": cfg.seed + 1000 * k,
@@ -92,17 +95,16 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
     real = lambda frames: np.stack([truth[f["id"]]["feature"] for f in frames])  # noqa: E731
     results: dict[str, dict] = {}
     results[GROUND_TRUTH] = summarize([truth[i] for i in frame_ids], None)
-    long_results: dict[str, dict[int, float]] = {}
+    long_results: dict[str, dict[int, dict]] = {}
     for row in ev.rows:
         for n in runs:
             frames = sorted((r for r in scored if r["row"] == row and r["length"] == n),
                             key=lambda r: (r["story_id"], r["frame_index"]))
-            if n == story_frames:  # FID only here: the long-story runs report Char-Acc (as the paper)
-                results[row] = figures = summarize(frames, real(frames))
-            else:
-                figures = summarize(frames, None)
+            figures = summarize(frames, real(frames))  # FID at every length, as Table 5
+            if n == story_frames:
+                results[row] = figures
             key = "det_char_acc" if "det_char_acc" in figures else "char_acc"
-            long_results.setdefault(row, {})[n] = figures[key]
+            long_results.setdefault(row, {})[n] = {"char_acc": figures[key], "fid": figures["fid"]}
     train = meta.filter(pa.compute.equal(meta["split"], "train")).select(["characters", "setting"]).to_pylist()
     results["most_frequent"] = most_frequent(train, [truth[i] for i in frame_ids])
     table = markdown(results, long_results if len(runs) > 1 else {}, story_frames, cfg.data.dataset == "world")
@@ -114,6 +116,7 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
         "long_story_frames": sorted(n for n in runs if n != story_frames), "long_stories_skipped": skipped,
         "char_ldm": str(char_ldm_dir), "aligner": str(aligner_dir) if aligner_dir else None,
         "results": results, "long_results": {r: {str(n): v for n, v in d.items()} for r, d in long_results.items()},
+        "referential_rule": cfg.data.referential_rule,
         "seconds": round(time.perf_counter() - started, 1), "pipeline_s": round(pipeline_s, 1),
     }
     (output / "scores.json").write_text(json.dumps(summary, indent=1))
@@ -213,7 +216,8 @@ def _track(cfg: StoryConfig, output: Path, results: dict, long_results: dict) ->
     tracker = Tracker(cfg, f"evaluate-{output.name}", None, active=True)
     metrics = {f"{row.replace('/', '.')}.{k}": float(v) for row, figures in results.items()
                for k, v in figures.items()}
-    metrics |= {f"long.{row.replace('/', '.')}.{n}": float(v) for row, d in long_results.items() for n, v in d.items()}
+    metrics |= {f"long.{row.replace('/', '.')}.{n}.{k}": float(v) for row, d in long_results.items()
+                for n, figures in d.items() for k, v in figures.items()}
     tracker.log(metrics, step=0)
     tracker.files([output / "table.md", output / "scores.json"], "evaluation")  # frames stay on disk
     tracker.end()

@@ -56,6 +56,9 @@ class DataConfig(Section):
     on_error: Literal["raise", "skip"] = Field(
         description="bad input: raise naming file and id, or skip and count it in the report"
     )
+    referential_rule: Literal["equal", "subset"] = Field(
+        description="which frames get pronouns (storygpt.data.referential): 'equal', the cast equals the "
+                    "tracked set (the reference loaders, the paper's numbers); 'subset', Algorithm 1's text")
     world: WorldConfig | None = None
 
 
@@ -201,7 +204,7 @@ class AlignerConfig(Section):
     mapper_queries: int = Field(description="L: learnable queries (77 = CLIP text length)")
     max_length: int = Field(description="longest training sequence (tokens); earliest frames are dropped")
     gen_loss_weight: float = Field(
-        default=1.0, ge=0, description="λ in loss = λ·L_gen + L_align (the paper: 1; see configs/tiny.yaml)"
+        default=1.0, ge=0, description="λ in loss = λ·L_gen + L_align (the paper: 1; storygpt/aligner/losses.py)"
     )
     learning_rate: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)

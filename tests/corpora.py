@@ -91,3 +91,26 @@ def pororo(root: Path) -> Path:
     np.save(root / "descriptions.npy", descriptions, allow_pickle=True)
     np.save(root / "labels.npy", labels, allow_pickle=True)
     return root
+
+
+SLIDING_IDS = [f"s_02_e_07_shot_{i * 100:06d}_{i * 100 + 99:06d}" for i in range(14)]
+
+
+def flintstones_sliding(root: Path) -> Path:
+    """One episode of 14 clips as the release ships it: *every* clip starts a story
+    (``following_cache4.pkl`` maps each id to the 4 after it), so stories overlap. Fred is alone in
+    every clip but the 6th and 11th, where Wilma is; all clips are in the test split."""
+    rng = np.random.default_rng(1)
+    (root / "video_frames_sampled").mkdir(parents=True)
+    ann = []
+    for k, fid in enumerate(SLIDING_IDS):
+        np.save(root / "video_frames_sampled" / f"{fid}.npy", rng.integers(0, 255, (2, 128, 128, 3), dtype=np.uint8))
+        name = "Wilma" if k in (5, 10) else "Fred"
+        ann.append({"globalID": fid, "description": f"{name} walks in clip {k}.", "setting": "quarry",
+                    "characters": [{"entityLabel": name.lower(), "rectangle": [10, 10, 60, 90]}]})
+    (root / "flintstones_annotations_v1-0.json").write_text(json.dumps(ann))
+    (root / "train-val-test_split.json").write_text(json.dumps({"train": [], "val": [], "test": SLIDING_IDS}))
+    following = {fid: SLIDING_IDS[k + 1:k + 5] for k, fid in enumerate(SLIDING_IDS) if k + 5 <= len(SLIDING_IDS)}
+    (root / "following_cache4.pkl").write_bytes(pickle.dumps(following))
+    (root / "labels.pkl").write_bytes(pickle.dumps({fid: np.zeros(7) for fid in SLIDING_IDS}))
+    return root

@@ -59,13 +59,29 @@ def test_table_one_has_the_papers_columns_and_a_long_story_table():
     figures = {"char_acc": 0.9036, "char_f1": 0.9576, "bg_acc": 0.5836, "bg_f1": 0.6392, "fid": 21.13,
                "bleu4": 0.526, "cider": 1.8361, "det_char_acc": 0.5}
     text = markdown({"char_ldm/original": figures, "ground_truth": {"char_acc": 1.0}},
-                    {"storygpt/referential": {5: 0.8, 10: 0.7}}, 5, detector=True)
+                    {"storygpt/referential": {5: {"char_acc": 0.8, "fid": 30.0}, 10: {"char_acc": 0.7, "fid": 41.5}}},
+                    5, detector=True)
     header, _, row, truth, *rest = text.splitlines()
     assert header.startswith("| Method | Captions | Char-Acc ↑ | Char-F1 ↑ | BG-Acc ↑ | BG-F1 ↑ | FID ↓ | BLEU4 ↑ "
                              "| CIDEr ↑ | Det. Char-Acc ↑")
     assert row.startswith("| Char-LDM | original | 90.36 | 95.76 | 58.36 | 63.92 | 21.13 | 0.5260 | 1.8361 | 50.00")
     assert truth.startswith("| Ground truth | – | 100.00 | – |")
-    assert "| StoryGPT-V | referential | 80.00 | 70.00 |" in rest
+    assert "| StoryGPT-V | referential | 80.00 | 70.00 |" in rest  # Table 5: Char-Acc ...
+    assert "| StoryGPT-V | referential | 30.00 | 41.50 |" in rest  # ... and FID by story length
+
+
+def test_referential_verdict_names_the_winner_only_beyond_two_standard_errors():
+    from storygpt.evaluation.report import referential_verdict
+
+    row = lambda acc, n=150: {"det_char_acc": acc, "frames": n}  # noqa: E731
+    results = {"char_ldm/original": row(0.5), "char_ldm/referential": row(0.2), "storygpt/referential": row(0.45)}
+    assert referential_verdict(results).endswith("StoryGPT-V wins")
+    assert "Char-LDM on named captions 50.0 %" in referential_verdict(results)
+    results["storygpt/referential"] = row(0.1)
+    assert referential_verdict(results).endswith("the Char-LDM alone wins")
+    results["storygpt/referential"] = row(0.24, 60)  # 4 points on 60 frames: noise
+    assert "no clear winner" in referential_verdict(results)
+    assert referential_verdict({"char_ldm/original": row(0.5)}) is None
 
 
 # ----------------------------------------------------------------------------- the Ray Data job

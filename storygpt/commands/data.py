@@ -1,4 +1,4 @@
-"""storygpt data show --format F --root DIR [--referential] [--split S] [--limit K] [--json]"""
+"""storygpt data show --format F --root DIR [--referential] [--split S] [--limit K] [--long N] [--json]"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from storygpt.commands import add_config_arguments
 from storygpt.config import load_config
 from storygpt.data.characters import get_table
-from storygpt.data.readers import ReadOptions, read_stories
+from storygpt.data.readers import ReadOptions, read_long_stories, read_stories
 
 
 def add_arguments(p) -> None:
@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
     show.add_argument("--dataset", choices=["world", "flintstones", "pororo"], help="character table (default: data.dataset)")
     show.add_argument("--split", choices=["train", "val", "test"], help="default: data.split")
     show.add_argument("--limit", type=int, help="at most this many stories")
+    show.add_argument("--long", type=int, metavar="N",
+                      help="long stories instead: runs of N consecutive frames, each frame once (paper Table 5)")
     show.add_argument("--referential", action="store_true", help="include the referential captions")
     show.add_argument("--json", action="store_true", help="one JSON object per story")
     show.add_argument("--skip-bad", action="store_true", help="skip and count bad items instead of stopping")
@@ -36,8 +38,13 @@ def run(args) -> int:
         box_source_size=cfg.data.box_source_size,
         on_error="skip" if args.skip_bad else cfg.data.on_error,
         limit=args.limit,
+        referential_rule=cfg.data.referential_rule,
     )
-    stories, report = read_stories(args.format or cfg.data.format, root, table, options, referential=args.referential)
+    fmt = args.format or cfg.data.format
+    if args.long is not None:
+        stories, report = read_long_stories(fmt, root, table, options, args.long)
+    else:
+        stories, report = read_stories(fmt, root, table, options)
     for story in stories:
         frames = [
             {
@@ -55,5 +62,9 @@ def run(args) -> int:
             for f in frames:
                 text = f.get("referential_caption") or f["caption"]
                 print(f"  {f['id']}  [{', '.join(f['characters']) or '-'}]  {f['setting'] or '-'}  {text}")
-    print(json.dumps({"report": report.summary()}), file=sys.stderr)
+    frames = [f for s in stories for f in s.frames]
+    pronouns = sum(f.referential_caption != f.caption for f in frames)
+    referential = {"rule": options.referential_rule, "pronoun_frames": pronouns,
+                   "pronoun_share": round(pronouns / len(frames), 4) if frames else None}
+    print(json.dumps({"report": report.summary(), "referential": referential}), file=sys.stderr)
     return 0

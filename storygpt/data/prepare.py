@@ -185,7 +185,8 @@ def records_in_process(cfg, split: str = "train") -> list[dict]:
     from storygpt.models.loading import load_clip_tokenizer
 
     table = get_table(cfg.data.dataset)
-    options = ReadOptions(split, cfg.data.frames_per_story, cfg.data.clip_frame, cfg.data.box_source_size)
+    options = ReadOptions(split, cfg.data.frames_per_story, cfg.data.clip_frame, cfg.data.box_source_size,
+                          referential_rule=cfg.data.referential_rule)
     stories, _ = read_stories(cfg.data.format, cfg.path(cfg.data.root), table, options)
     tokenizer = load_clip_tokenizer(cfg.path(cfg.models.clip_text))
     pre = cfg.preprocess

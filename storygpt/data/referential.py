@@ -1,9 +1,18 @@
-"""The referential extension (paper Algorithm 1, Make-A-Story's rules; DESIGN §3).
+"""The referential extension (paper Algorithm 1, Make-A-Story's rules).
 
-The first frame sets the tracked character set. A later frame whose character set is a subset
-of the tracked set is rewritten: one character -> "he"/"she" by gender (object and
-possessive forms where the grammar asks), several -> "they" replacing the coordinated names
-("A and B", "A, B and C"). Any other frame resets the tracked set to its own characters.
+The first frame sets the tracked character set. A later frame whose characters match the
+tracked set is rewritten: one character -> "he"/"she" by gender (object and possessive forms
+where the grammar asks), several -> "they" replacing the coordinated names ("A and B",
+"A, B and C"); the tracked set stays. Any other frame resets the tracked set to its own
+characters. What "match" means is the rule (``data.referential_rule``):
+
+* ``equal``: the frame shows exactly the tracked set. Make-A-Story's and the official
+  StoryGPT-V loaders test ``chars == tracked or chars in tracked``; the second clause compares
+  a list with a list of strings and is never true, so in effect they test equality, and the
+  paper's referential numbers were measured on that. Every pronoun then has one referent.
+* ``subset``: the frame's set is a subset of the tracked set, Algorithm 1 as the paper writes
+  it. It makes more pronoun frames, some of them ambiguous: tracked {Fred, Barney}, then
+  {Barney} gives "He walks away.".
 
 Unlike the reference loaders (which compare a list with a list, so every character becomes
 "He"), the pronoun follows each character's gender from the dataset's table.
@@ -13,8 +22,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from storygpt.data.characters import CharacterTable
+
+ReferentialRule = Literal["equal", "subset"]
+RULES: tuple[ReferentialRule, ...] = ("equal", "subset")
 
 PRONOUNS = {
     "male": {"subject": "he", "object": "him", "possessive": "his"},
@@ -46,16 +59,20 @@ def find_mentions(caption: str, table: CharacterTable) -> list[Mention]:
 
 
 def referential_story(
-    captions: list[str], characters: list[list[str]], table: CharacterTable
+    captions: list[str], characters: list[list[str]], table: CharacterTable, rule: ReferentialRule = "equal"
 ) -> list[str]:
-    """Referential captions for one story; frame i keeps its caption when no rule applies."""
+    """Referential captions for one story (or any run of consecutive frames); frame i keeps its
+    caption when the rule does not apply or the caption cannot be rewritten."""
     if len(captions) != len(characters):
         raise ValueError(f"{len(captions)} captions but {len(characters)} character lists")
+    if rule not in RULES:
+        raise ValueError(f"referential rule: expected one of {list(RULES)}, got {rule!r}")
     out: list[str] = []
     tracked: set[str] = set()
     for i, (caption, names) in enumerate(zip(captions, characters)):
         current = {table.get(n).name for n in names if table.get(n) is not None}
-        if i > 0 and current <= tracked:  # (an empty frame is a subset: nothing to rewrite)
+        # (an empty frame is a subset of anything, so under `subset` it keeps the chain)
+        if i > 0 and (current <= tracked if rule == "subset" else current == tracked):
             out.append(rewrite_caption(caption, current, table))
             continue  # the tracked set stays as it was
         tracked = current

@@ -3,6 +3,7 @@ paper's Table 1 (plus the long-story Char-Acc table)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -48,10 +49,10 @@ def most_frequent(train: list[dict], frames: list[dict]) -> dict[str, float]:
     return out
 
 
-def markdown(results: dict[str, dict], long_results: dict[str, dict[int, float]], story_frames: int,
+def markdown(results: dict[str, dict], long_results: dict[str, dict[int, dict]], story_frames: int,
              detector: bool) -> str:
     """Table 1 (rows: ``method/captions`` keys of ``results``) and, when there are long-story
-    runs, Char-Acc by story length."""
+    runs, Table 5: Char-Acc and FID by story length."""
     columns = COLUMNS + (DETECTOR_COLUMNS if detector else [])
     lines = ["| Method | Captions | " + " | ".join(c[1] for c in columns) + " |",
              "|---|---|" + "---:|" * len(columns)]
@@ -61,14 +62,15 @@ def markdown(results: dict[str, dict], long_results: dict[str, dict[int, float]]
         lines.append(f"| {LABELS.get(method, method)} | {captions or '–'} | " + " | ".join(cells) + " |")
     if long_results:
         lengths = sorted({n for by_length in long_results.values() for n in by_length})
-        key = "Det. Char-Acc" if detector else "Char-Acc"
-        lines += ["", f"{key} ↑ by story length (frames; {story_frames} = the test stories):", "",
-                  "| Method | Captions | " + " | ".join(str(n) for n in lengths) + " |",
-                  "|---|---|" + "---:|" * len(lengths)]
-        for row, by_length in long_results.items():
-            method, _, captions = row.partition("/")
-            lines.append(f"| {LABELS.get(method, method)} | {captions} | "
-                         + " | ".join(_cell(by_length.get(n), "pct") for n in lengths) + " |")
+        name = "Det. Char-Acc" if detector else "Char-Acc"
+        for key, title, kind in (("char_acc", f"{name} ↑", "pct"), ("fid", "FID ↓", "fid")):
+            lines += ["", f"{title} by story length (frames; {story_frames} = the test stories):", "",
+                      "| Method | Captions | " + " | ".join(str(n) for n in lengths) + " |",
+                      "|---|---|" + "---:|" * len(lengths)]
+            for row, by_length in long_results.items():
+                method, _, captions = row.partition("/")
+                lines.append(f"| {LABELS.get(method, method)} | {captions} | "
+                             + " | ".join(_cell(by_length.get(n, {}).get(key), kind) for n in lengths) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -80,3 +82,22 @@ def _cell(value: float | None, kind: str) -> str:
     if value is None:
         return "–"
     return {"pct": f"{100 * value:.2f}", "fid": f"{value:.2f}", "dec": f"{value:.4f}"}[kind]
+
+
+def referential_verdict(results: dict[str, dict]) -> str | None:
+    """One line saying which row drew referential captions better, StoryGPT-V or the Char-LDM
+    alone, by the exact detector's Char-Acc (the classifier's where there is no detector), and
+    whether the gap exceeds two standard errors of the difference (binomial, the rows' frames)."""
+    if "storygpt/referential" not in results or "char_ldm/referential" not in results:
+        return None
+    ours, base = results["storygpt/referential"], results["char_ldm/referential"]
+    key = "det_char_acc" if "det_char_acc" in ours else "char_acc"
+    a, b = ours[key], base[key]
+    se = math.sqrt(a * (1 - a) / ours["frames"] + b * (1 - b) / base["frames"])
+    ceiling = results.get("char_ldm/original", {}).get(key)
+    scores = (f"referential captions, {'exact detector ' if key.startswith('det') else ''}Char-Acc: StoryGPT-V "
+              f"{100 * a:.1f} %, Char-LDM alone {100 * b:.1f} %"
+              + (f" (Char-LDM on named captions {100 * ceiling:.1f} %)" if ceiling is not None else ""))
+    if abs(a - b) <= 2 * se:
+        return f"{scores}: no clear winner (within two standard errors, {100 * 2 * se:.1f} points)"
+    return f"{scores}: {'StoryGPT-V' if a > b else 'the Char-LDM alone'} wins"

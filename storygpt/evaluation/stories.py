@@ -1,5 +1,5 @@
 """Which stories the evaluation draws: the split's stories (whole, or their first N frames)
-and long stories chained from consecutive ones (the paper's 10/20/40/50-frame runs)."""
+and long stories, runs of consecutive frames (the paper's 10/20/40/50-frame runs, Table 5)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from collections import defaultdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from storygpt.data.characters import CharacterTable
+from storygpt.data.referential import referential_story
+from storygpt.data.runs import Position, consecutive_runs
 
 # what a story frame carries through generation and scoring (the image is read where needed)
 FRAME_FIELDS = ["id", "story_id", "frame_index", "caption", "referential_caption", "characters", "setting"]
@@ -27,12 +31,15 @@ def split_stories(records: pa.Table, split: str, frames: int | None = None, limi
     return stories[:limit] if limit else stories
 
 
-def long_stories(stories: list[list[dict]], length: int, count: int) -> list[list[dict]]:
-    """Up to ``count`` stories of exactly ``length`` frames, each consecutive stories chained
-    (an episode read on): the split has to hold ``length * count`` frames for all of them."""
-    frames = [frame for story in stories for frame in story]
-    chained = []
-    for k in range(min(count, len(frames) // length)):
-        chunk = frames[k * length:(k + 1) * length]
-        chained.append([{**f, "story_id": f"long{length}-{k}", "frame_index": i} for i, f in enumerate(chunk)])
-    return chained
+def long_stories(stories: list[list[dict]], length: int, count: int, position: Position | None,
+                 table: CharacterTable, rule: str) -> list[list[dict]]:
+    """Up to ``count`` long stories of exactly ``length`` consecutive frames, each frame once
+    (:func:`storygpt.data.runs.consecutive_runs`; ``position``: the dataset's shot order, see
+    :func:`storygpt.data.readers.frame_position`), their referential captions recomputed over
+    the whole run: the first frame names its cast, as a story's first frame does."""
+    out = []
+    for k, run in enumerate(consecutive_runs(stories, length, lambda f: f["id"], position, count)):
+        captions = referential_story([f["caption"] for f in run], [f["characters"] for f in run], table, rule)
+        out.append([{**f, "story_id": f"long{length}-{k}", "frame_index": i, "referential_caption": caption}
+                    for i, (f, caption) in enumerate(zip(run, captions))])
+    return out

@@ -1,6 +1,8 @@
-"""Write the story world to disk in the FlintstonesSV release layout (DESIGN §3).
+"""Write the story world to disk in the FlintstonesSV release layout.
 
-Beside the standard files it writes what the release lacks: exact segment masks
+Stories are consecutive 5-frame pieces of episodes (``storygpt.world.stories.plan_episode``);
+frame ids number the shots of an episode in order, as FlintstonesSV's do, and the splits take
+whole episodes. Beside the standard files it writes what the release lacks: exact segment masks
 (``masks/{id}.npy``, one uint8 map per sampled frame: k + 1 = the k-th annotated character),
 one reference image per character (``reference_images/{Name}.png``) and ``world.json``
 (the cast's looks and the settings, for the detector). Same arguments, same bytes.
@@ -19,7 +21,7 @@ from PIL import Image
 from storygpt.data.characters import WORLD
 from storygpt.world.cast import LOOKS, SETTINGS
 from storygpt.world.render import render_frame, render_reference
-from storygpt.world.stories import place_characters, plan_story
+from storygpt.world.stories import FRAMES_PER_STORY, place_characters, plan_episode
 
 ANNOTATIONS = "flintstones_annotations_v1-0.json"
 SPLIT = "train-val-test_split.json"
@@ -29,6 +31,7 @@ FRAMES_DIR = "video_frames_sampled"
 MASKS_DIR = "masks"
 REFERENCES_DIR = "reference_images"
 JITTER = 2  # px a character moves between the sampled frames of one clip
+EPISODE_STORIES = 10  # stories per episode (fewer in worlds of under 100 stories: every split gets episodes)
 
 
 @dataclass
@@ -39,10 +42,14 @@ class WorldSummary:
     splits: dict[str, int]  # stories per split
 
 
-def frame_id(story: int, frame: int) -> str:
-    episode, slot = divmod(story, 10)
-    start = (slot * 5 + frame) * 100
+def frame_id(episode: int, frame: int) -> str:
+    """FlintstonesSV-style: season, episode, and the shot's frame range, consecutive in the episode."""
+    start = frame * 100
     return f"s_01_e_{episode + 1:02d}_shot_{start:06d}_{start + 99:06d}"
+
+
+def stories_per_episode(stories: int) -> int:
+    return max(1, min(EPISODE_STORIES, stories // 10))
 
 
 def generate_world(
@@ -58,12 +65,16 @@ def generate_world(
     for sub in (FRAMES_DIR, MASKS_DIR, REFERENCES_DIR):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    annotations, following, labels, story_ids = [], {}, {}, []
-    for s in range(stories):
-        ids = [frame_id(s, f) for f in range(5)]
-        story_ids.append(ids)
-        following[ids[0]] = ids[1:]
-        for fid, plan in zip(ids, plan_story(rng)):
+    annotations, following, labels, episodes = [], {}, {}, []
+    per_episode = stories_per_episode(stories)
+    for first in range(0, stories, per_episode):
+        count = min(per_episode, stories - first)
+        episode = len(episodes)
+        ids = [frame_id(episode, f) for f in range(count * FRAMES_PER_STORY)]
+        episodes.append([ids[k:k + FRAMES_PER_STORY] for k in range(0, len(ids), FRAMES_PER_STORY)])
+        for story in episodes[-1]:
+            following[story[0]] = story[1:]
+        for fid, plan in zip(ids, plan_episode(rng, len(ids))):
             places = place_characters(len(plan.cast), image_size, plan.setting.horizon, rng)
             clip_images, clip_masks, rectangles = [], [], [[] for _ in plan.cast]
             for t in range(clip_frames):
@@ -85,9 +96,9 @@ def generate_world(
                     for name, rects in zip(plan.cast, rectangles)
                 ],
             })
-    splits = _split(story_ids, rng, val_fraction, test_fraction)
+    splits = _split(episodes, rng, val_fraction, test_fraction)
     _write_json(out / ANNOTATIONS, annotations)
-    _write_json(out / SPLIT, {k: [fid for ids in v for fid in ids] for k, v in splits.items()})
+    _write_json(out / SPLIT, {k: [fid for story in v for fid in story] for k, v in splits.items()})
     (out / FOLLOWING).write_bytes(pickle.dumps(following, protocol=4))
     (out / LABELS).write_bytes(pickle.dumps(labels, protocol=4))
     for name in WORLD.names:
@@ -103,11 +114,12 @@ def generate_world(
     return WorldSummary(str(out), stories, stories * 5, {k: len(v) for k, v in splits.items()})
 
 
-def _split(story_ids, rng, val_fraction, test_fraction) -> dict[str, list[list[str]]]:
-    order = rng.permutation(len(story_ids))
-    n_test = int(round(test_fraction * len(story_ids)))
-    n_val = int(round(val_fraction * len(story_ids)))
-    pick = lambda idx: [story_ids[i] for i in sorted(idx)]  # noqa: E731
+def _split(episodes: list[list[list[str]]], rng, val_fraction, test_fraction) -> dict[str, list[list[str]]]:
+    """Whole episodes per split, so a split's long stories are consecutive frames of its own."""
+    order = rng.permutation(len(episodes))
+    n_test = int(round(test_fraction * len(episodes)))
+    n_val = int(round(val_fraction * len(episodes)))
+    pick = lambda idx: [story for i in sorted(idx) for story in episodes[i]]  # noqa: E731
     return {
         "train": pick(order[n_test + n_val :]),
         "val": pick(order[n_test : n_test + n_val]),

@@ -1,8 +1,8 @@
-"""Procedural stories: who is in each frame, where, and the caption that says so.
+"""Procedural episodes: who is in each frame, where, and the caption that says so.
 
-Frames often keep a subset of the previous frame's characters, so the referential extension
-has pronouns to make ("she", "they"); captions name every character present, using a
-coordinated subject ("Ada and Bruno") so "they" can replace it.
+Frames often keep the previous frame's characters, so the referential extension has pronouns
+to make ("she", "they"); captions name every character present, using a coordinated subject
+("Ada and Bruno") so "they" can replace it.
 """
 
 from __future__ import annotations
@@ -62,25 +62,34 @@ def caption_for(cast: list[str], setting: Setting, rng: np.random.Generator) -> 
     return text[0].upper() + text[1:]
 
 
-def plan_story(rng: np.random.Generator) -> list[FramePlan]:
+# An episode is one continuous run of frames; the dataset's 5-frame stories are consecutive pieces
+# of it, so a long story (10, 20, 40, 50 frames) is a run of consecutive frames, as on FlintstonesSV.
+SAME_CAST = 0.7  # a frame keeps the previous frame's cast: the referential rule then makes a pronoun
+NEW_SETTING = 0.2  # the story moves somewhere else
+EMPTY_FRAME = 0.05
+
+
+def plan_episode(rng: np.random.Generator, frames: int) -> list[FramePlan]:
+    """``frames`` consecutive frames of one episode: a pool of 3-5 characters, each frame either
+    the previous frame's cast again (:data:`SAME_CAST`) or a new choice of 1-3 of the pool."""
     names = WORLD.names
-    story_cast = list(rng.choice(names, size=int(rng.integers(2, 5)), replace=False))
+    pool = list(rng.choice(names, size=int(rng.integers(3, 6)), replace=False))
     setting = SETTINGS[rng.integers(len(SETTINGS))]
-    frames: list[FramePlan] = []
+    plans: list[FramePlan] = []
     previous: list[str] = []
-    for i in range(FRAMES_PER_STORY):
-        if i > 0 and rng.random() < 0.2:  # the story moves somewhere else
+    for i in range(frames):
+        if i > 0 and rng.random() < NEW_SETTING:
             setting = SETTINGS[rng.integers(len(SETTINGS))]
-        if i > 0 and rng.random() < 0.05:
+        if i > 0 and rng.random() < EMPTY_FRAME:
             cast: list[str] = []
-        elif previous and rng.random() < 0.55:  # stay with (some of) the same characters
-            cast = _subset(previous, rng)
+        elif previous and rng.random() < SAME_CAST:
+            cast = list(previous)
         else:
-            cast = _subset(story_cast, rng, at_most=3)
+            cast = _subset(pool, rng, at_most=3)
         cast = sorted(cast, key=names.index)  # a stable order makes captions comparable
-        frames.append(FramePlan(setting, cast, caption_for(cast, setting, rng)))
+        plans.append(FramePlan(setting, cast, caption_for(cast, setting, rng)))
         previous = cast or previous
-    return frames
+    return plans
 
 
 def _subset(pool: list[str], rng: np.random.Generator, at_most: int = 4) -> list[str]:
@@ -100,19 +109,4 @@ def place_characters(n: int, size: int, horizon: float, rng: np.random.Generator
         ground = int(horizon * size)
         cy = int(rng.integers(max(ground - s // 2, s // 2 + 1), size - s // 2 - 2))
         out.append((cx, cy, s))
-    return out
-
-
-def story_corpus(seed: int = 0, stories: int = 2000) -> list[list[str]]:
-    """Freshly planned world stories (not the dataset's), each as its captions and again in
-    referential form: the text the tiny tokenizers and language models are trained on."""
-    from storygpt.data.characters import WORLD
-    from storygpt.data.referential import referential_story
-
-    rng = np.random.default_rng(seed)
-    out: list[list[str]] = []
-    for _ in range(stories):
-        plans = plan_story(rng)
-        captions = [p.caption for p in plans]
-        out += [captions, referential_story(captions, [p.cast for p in plans], WORLD)]
     return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from storygpt.data.characters import CharacterTable
 from storygpt.data.records import ReadReport, Story
 from storygpt.data.referential import referential_story
+from storygpt.data.runs import Position, consecutive_runs
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class ReadOptions:
     box_source_size: tuple[int, int] | None = None
     on_error: str = "raise"
     limit: int | None = None  # stop after this many stories
+    referential_rule: str = "equal"  # storygpt.data.referential.RULES
     # False: leave image files unchecked here; preprocessing checks each frame where it loads it,
     # so one bad frame becomes one error row instead of costing its whole story.
     check_files: bool = True
@@ -35,10 +37,37 @@ def read_stories(
     stories, report = readers[fmt](Path(root), table, options)
     if referential:
         for story in stories:
-            captions = referential_story(
-                [f.caption for f in story.frames], [f.characters for f in story.frames], table
-            )
-            for frame, text in zip(story.frames, captions):
-                frame.referential_caption = text
+            _fill_referential(story, table, options.referential_rule)
     report.stories, report.frames = len(stories), sum(len(s.frames) for s in stories)
     return stories, report
+
+
+def frame_position(fmt: str) -> Position | None:
+    """How a format's frame ids order the clips of an episode (None: only the stories tell)."""
+    from storygpt.data.readers import flintstones
+
+    return flintstones.shot_position if fmt in ("flintstones", "storygptv") else None
+
+
+def read_long_stories(
+    fmt: str, root: str | Path, table: CharacterTable, options: ReadOptions, length: int, referential: bool = True
+) -> tuple[list[Story], ReadReport]:
+    """The split's long stories of ``length`` consecutive frames (:mod:`storygpt.data.runs`),
+    referential captions computed over each whole run; ``options.limit`` caps the runs, not the
+    stories read."""
+    stories, report = read_stories(fmt, root, table, replace(options, limit=None), referential=False)
+    runs = consecutive_runs([s.frames for s in stories], length, lambda f: f.id, frame_position(fmt), options.limit)
+    long = []
+    for run in runs:
+        story_id = f"{run[0].id}+{length}"
+        long.append(Story(story_id, [replace(f, story_id=story_id, index=k) for k, f in enumerate(run)]))
+        if referential:
+            _fill_referential(long[-1], table, options.referential_rule)
+    report.stories, report.frames = len(long), sum(len(s.frames) for s in long)
+    return long, report
+
+
+def _fill_referential(story: Story, table: CharacterTable, rule: str) -> None:
+    captions = referential_story([f.caption for f in story.frames], [f.characters for f in story.frames], table, rule)
+    for frame, text in zip(story.frames, captions):
+        frame.referential_caption = text

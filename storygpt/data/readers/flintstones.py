@@ -1,4 +1,4 @@
-"""FlintstonesSV, raw release layout (DESIGN §3), as StoryDALL-E / AR-LDM read it.
+"""FlintstonesSV, raw release layout, as StoryDALL-E / AR-LDM read it.
 
 Stories are the keys of ``following_cache{N-1}.pkl`` that are in the split, followed by their
 cached ids. Character boxes come from the annotation (``rectangles``: one box per sampled frame,
@@ -8,6 +8,7 @@ A ``masks/{id}.npy`` beside the frames (the story world writes them) gives exact
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ from storygpt.data.records import Frame, ImageSource, MaskSource, ReadReport, St
 
 ANNOTATIONS = "flintstones_annotations_v1-0.json"
 SPLIT = "train-val-test_split.json"
+_SHOT = re.compile(r"^(s_\d+_e_\d+)_shot_(\d+)_\d+$")
+
+
+def shot_position(frame_id: str) -> tuple[str, int] | None:
+    """(episode, first frame of the shot) of a FlintstonesSV id such as 's_01_e_26_shot_000055_000129':
+    the release's following caches were built by sorting ids within an episode, so this is the
+    order of the clips in it. None for an id of another form."""
+    match = _SHOT.match(frame_id)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def read(root: Path, table: CharacterTable, opt: ReadOptions) -> tuple[list[Story], ReadReport]:
