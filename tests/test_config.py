@@ -30,7 +30,8 @@ def test_tiny_extends_flintstones_and_overrides_sizes(presets):
     assert tiny.preset == "tiny" and tiny.zoo is not None and tiny.data.world is not None
     assert tiny.char_ldm.resolution == 32 and tiny.char_ldm.lreg_weight == 0.01  # tiny models: see tiny.yaml
     assert tiny.train.use_gpu is False and tiny.data.dataset == "world"
-    assert tiny.aligner.gen_loss_weight == 0.0 and load_config(presets / "flintstones.yaml").aligner.gen_loss_weight == 1.0
+    # every preset trains stage 2 at the paper's λ = 1 (storygpt/aligner/losses.py)
+    assert tiny.aligner.gen_loss_weight == 1.0 and load_config(presets / "flintstones.yaml").aligner.gen_loss_weight == 1.0
 
 
 def test_world_extends_tiny_at_32_px_with_latents_to_match(presets):

@@ -20,7 +20,7 @@ from storygpt.models import loading
 from storygpt.models.sam import SamArchitecture, build_sam
 from storygpt.models.zoo import SD15_SCHEDULE, build_tiny_zoo, world_frame
 from storygpt.world.detector import detect
-from storygpt.world.stories import story_corpus
+from storygpt.world.corpus import lm_corpus
 
 PARTS = {"clip_text", "clip_vision", "vae", "unet", "scheduler", "opt", "llama", "sam",
          "super_resolution"}
@@ -45,7 +45,7 @@ def cfg(repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus() -> list[list[str]]:
-    return story_corpus(seed=0, stories=200)
+    return lm_corpus(seed=0, episodes=40)
 
 
 @pytest.fixture(scope="module")
@@ -360,10 +360,11 @@ def test_the_language_models_have_read_world_stories(zoo, cfg):
 
     from storygpt.models.loading import load_lm
 
-    story = " ".join(story_corpus(seed=12345, stories=1)[1])  # a fresh referential story
+    story = lm_corpus(seed=12345, episodes=1)[0]  # a fresh run of frames, as the aligner tokenizes it
     for part in ("opt", "llama"):
         tokenizer, lm = load_lm(zoo[part])
-        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(story, add_special_tokens=False).input_ids])
+        ids = torch.tensor([[tokenizer.bos_token_id] + [i for sentence in story
+                                                        for i in tokenizer(sentence, add_special_tokens=False).input_ids]])
         torch.manual_seed(0)
         untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(zoo[part]))
         with torch.no_grad():

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
 
+from storygpt.aligner.losses import alignment_loss, generation_loss
 from storygpt.aligner.mapper import Mapper
 from storygpt.aligner.sequence import IMAGE, IMG
 from storygpt.config import AlignerConfig, StoryConfig
@@ -167,12 +167,10 @@ class StoryAligner(nn.Module):
             positions = (codes == IMG).nonzero()[:, 1].view(len(codes), r)
             at = lambda p: hidden.gather(1, p[..., None].expand(-1, -1, hidden.shape[-1]))  # noqa: E731
             # eq. 4 over all R: [IMG_r] is predicted from the state just before it
-            logits = self.logits(at(positions - 1)).float()
+            logits = self.logits(at(positions - 1))
             conditioning = self.conditioning(at(positions))
-        vocab = logits.shape[-1] - r
-        targets = (vocab + torch.arange(r, device=device)).expand(len(codes), -1)
-        gen = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(-1, r).sum(1).mean()
-        align = F.mse_loss(conditioning.float(), batch["target"].float())
+        gen = generation_loss(logits, logits.shape[-1] - r)
+        align = alignment_loss(conditioning, batch["target"])
         return {"loss": self.config.gen_loss_weight * gen + align, "gen_loss": gen.detach(), "align_loss": align.detach(),
                 "conditioning": conditioning.detach()}
 

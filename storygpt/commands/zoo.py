@@ -7,11 +7,13 @@ import time
 
 from storygpt.commands import add_config_arguments
 from storygpt.config import ConfigError, load_config
-from storygpt.world.stories import story_corpus
+from storygpt.world.corpus import lm_corpus
+
+LM_CORPUS_EPISODES = 400  # 20 000 frames of freshly planned episodes, with their questions
 
 
 def build_zoo_quietly(cfg, out) -> dict:
-    """The tiny zoo from the config, trained tokenizers on the world's captions, no save bars."""
+    """The tiny zoo from the config (tokenizers and LMs trained on :func:`lm_corpus`), no save bars."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -19,7 +21,8 @@ def build_zoo_quietly(cfg, out) -> dict:
 
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
-    return build_tiny_zoo(cfg.zoo, out, story_corpus(seed=cfg.seed), seed=cfg.seed)
+    corpus = lm_corpus(seed=cfg.seed, episodes=LM_CORPUS_EPISODES, rule=cfg.data.referential_rule)
+    return build_tiny_zoo(cfg.zoo, out, corpus, seed=cfg.seed)
 
 
 def add_arguments(p) -> None:

@@ -71,9 +71,10 @@ def build_tiny_zoo(
 ) -> dict[str, Path]:
     """Build every part into ``out_dir/<part>``; returns {part: directory}.
 
-    Tokenizers are trained on the captions of ``stories``, so character names become single
-    tokens; the language models are pretrained on the stories themselves (next-token,
-    ``zoo.lm_pretrain_steps``), as a real frozen LLM has read its language before stage 2, and the VAE is
+    ``stories``: texts, each a list of sentences (:func:`storygpt.world.corpus.lm_corpus`).
+    Tokenizers are trained on their sentences, so character names become single tokens; the
+    language models are pretrained on the texts (next-token, ``zoo.lm_pretrain_steps``), as a
+    real frozen LLM has read its language before stage 2, and the VAE is
     pretrained as an autoencoder on rendered world frames, as SD's VAE has seen images before the
     UNet learns its latents. Deterministic for a given (zoo, corpus, seed). Each part is written to a temporary
     directory and renamed into place, so an interrupted build never leaves a half-written part.
@@ -129,6 +130,7 @@ def _fetch_or_build_part(part: str, zoo: TinyZooConfig, stories: list[list[str]]
 # What a part's bytes depend on besides the inputs: the code that builds and pretrains it.
 _BUILD_SOURCES = [Path(__file__), *(Path(__file__).with_name(f) for f in ("tokenizers.py", "sam.py")),
                   *(Path(__file__).parents[1] / "world" / f for f in ("cast.py", "render.py"))]
+# (the corpus is an input of the digest itself, so the code that plans it need not be listed)
 
 
 def _library_versions() -> dict[str, str]:
@@ -369,24 +371,30 @@ def _llama(zoo: TinyZooConfig, corpus: list[str], stories: list[list[str]], seed
     tokenizer.save_pretrained(out)
 
 
-LM_PRETRAIN_LR, LM_PRETRAIN_BATCH = 2e-3, 16
+LM_PRETRAIN_LR, LM_PRETRAIN_BATCH, LM_WARMUP_STEPS = 2e-3, 16, 100
 
 
 def _pretrain(model, tokenizer, stories: list[list[str]], steps: int, seed: int) -> None:
-    """Next-token training on whole stories (captions joined by spaces, after BOS): ~5 s on one
-    CPU core for the tiny sizes; enough for the LM's states to carry who was named and how."""
+    """Next-token training on the texts after BOS, each sentence tokenized on its own exactly as
+    the aligner tokenizes captions (so mid-story captions start with the tokens the aligner feeds),
+    cut to the LM's positions."""
     if steps == 0:
         return
-    texts = [[tokenizer.bos_token_id] + tokenizer(" ".join(s), add_special_tokens=False).input_ids for s in stories]
+    limit = model.config.max_position_embeddings
+    texts = [([tokenizer.bos_token_id] + [i for sentence in text for i in tokenizer(sentence, add_special_tokens=False)
+                                          .input_ids])[:limit] for text in stories]
     rng = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LM_PRETRAIN_LR)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / LM_WARMUP_STEPS)
+                                                 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     with _one_thread():
-        _next_token_steps(model, tokenizer, texts, optimizer, steps, rng)
+        _next_token_steps(model, tokenizer, texts, optimizer, schedule, steps, rng)
     model.eval()
 
 
-def _next_token_steps(model, tokenizer, texts: list[list[int]], optimizer, steps: int, rng: torch.Generator) -> None:
+def _next_token_steps(model, tokenizer, texts: list[list[int]], optimizer, schedule, steps: int,
+                      rng: torch.Generator) -> None:
     for _ in range(steps):
         batch = [texts[i] for i in torch.randint(len(texts), (LM_PRETRAIN_BATCH,), generator=rng).tolist()]
         width = max(map(len, batch))
@@ -396,6 +404,7 @@ def _next_token_steps(model, tokenizer, texts: list[list[int]], optimizer, steps
             ids[row, :len(seq)] = labels[row, :len(seq)] = torch.tensor(seq)
         model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
 
 
