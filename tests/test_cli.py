@@ -20,7 +20,8 @@ def test_world_then_data_show_round_trip(tmp_path, capsys, repo, monkeypatch):
     monkeypatch.chdir(repo)
     assert main(["world", "--out", str(tmp_path / "w"), "--stories", "6", "--seed", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["frames"] == 30
-    args = ["data", "show", "--root", str(tmp_path / "w"), "--referential", "--json", "--format", "flintstones"]
+    args = ["data", "show", "--root", str(tmp_path / "w"), "--referential", "--json", "--format", "flintstones",
+            "--dataset", "world"]  # the world in the FlintstonesSV layout: its own table, said explicitly
     stories = []
     for split in ("train", "val", "test"):
         assert main([*args, "--split", split, "--set", "data.on_error=raise"]) == 0
@@ -39,6 +40,57 @@ def test_world_then_data_show_round_trip(tmp_path, capsys, repo, monkeypatch):
             assert f["characters"][0] not in f["referential_caption"]
         else:
             assert "they" in words or "their" in words
+
+
+def _flintstones_story(root):
+    """A FlintstonesSV-format dir (the corpora's) whose test story names Fred and Wilma, then each alone."""
+    import json as _json
+
+    from corpora import FLINT_IDS, flintstones
+
+    flintstones(root)
+    annotations = _json.loads((root / "flintstones_annotations_v1-0.json").read_text())
+    story = {fid: i for i, fid in enumerate(FLINT_IDS[2])}
+    frames = [("Fred and Wilma walk in the quarry.", ["fred", "wilma"]), ("Fred sits down.", ["fred"]),
+              ("Wilma waves.", ["wilma"]), ("Fred and Wilma eat.", ["fred", "wilma"]), ("Fred runs.", ["fred"])]
+    for ann in annotations:
+        if ann["globalID"] in story:
+            caption, names = frames[story[ann["globalID"]]]
+            ann["description"] = caption
+            ann["characters"] = [{"entityLabel": n, "rectangle": [0, 0, 64, 64]} for n in names]
+    (root / "flintstones_annotations_v1-0.json").write_text(_json.dumps(annotations))
+    return root
+
+
+def test_data_show_takes_the_character_table_from_the_format(tmp_path, capsys, repo, monkeypatch):
+    """The first command on a download: only --format and --root (the default preset is the world's)."""
+    root = _flintstones_story(tmp_path / "flintstones")
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "show", "--format", "flintstones", "--root", str(root), "--split", "test",
+                 "--referential", "--json"]) == 0
+    out = capsys.readouterr()
+    [story] = [json.loads(line) for line in out.out.splitlines()]
+    assert [f["characters"] for f in story["frames"]] == [["Fred", "Wilma"], ["Fred"], ["Wilma"], ["Fred", "Wilma"],
+                                                          ["Fred"]]
+    assert [f["referential_caption"] for f in story["frames"][1:3]] == ["He sits down.", "She waves."]
+    assert json.loads(out.err)["report"]["dataset"] == "flintstones"
+    # told the wrong table, the read stops naming --dataset instead of dropping every name
+    assert main(["data", "show", "--format", "flintstones", "--root", str(root), "--split", "test",
+                 "--dataset", "world"]) == 2
+    err = capsys.readouterr().err
+    assert "7 of 7 character labels are not world characters (fred, wilma" in err and "--dataset" in err
+
+
+def test_missing_tiny_inputs_say_the_command_that_builds_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh clone's state: no world, no zoo
+    assert main(["data", "show"]) == 2
+    assert "render the story world: storygpt world --config tiny --set work_dir=work_dirs/tiny" in capsys.readouterr().err
+    assert main(["world", "--stories", "4"]) == 0
+    capsys.readouterr()
+    assert main(["preprocess"]) == 2
+    err = capsys.readouterr().err
+    assert "models.clip_text: expected an existing directory" in err
+    assert "build the tiny zoo: storygpt zoo --config tiny --set work_dir=work_dirs/tiny" in err
 
 
 def test_data_show_limit_and_human_format(world_dir, capsys, repo, monkeypatch):
