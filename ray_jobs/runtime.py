@@ -227,7 +227,8 @@ def fit_trainer(cfg: StoryConfig, train_loop, loop_config: dict, name: str, data
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_name": name, **loop_config},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                                                     **cfg.train.resources_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=cfg.train.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),

@@ -85,7 +85,8 @@ def _candidates(cfg: StoryConfig, info: dict, evaluation: list[dict]) -> list:
     if not evaluation:
         return []
     pool = cfg.precompute.pool
-    task = ray.remote(num_cpus=min(1.0, pool.num_cpus), num_gpus=pool.num_gpus)(_fuse_candidates)
+    task = ray.remote(num_cpus=min(1.0, pool.num_cpus), num_gpus=pool.num_gpus,
+                      resources=dict(pool.resources))(_fuse_candidates)
     frames = [(str(e["caption"]), [str(c) for c in e["characters"]]) for e in evaluation]
     return ray.get(task.remote(cfg.resolved().model_dump(mode="json"), info["char_ldm"], info["records"], frames))
 
