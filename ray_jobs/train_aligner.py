@@ -45,11 +45,13 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     from ray_jobs.runtime import fit_trainer, run_name
     from storygpt.char_ldm.targets import read_target_info, targets_table_dir
 
-    output = targets or cfg.precompute.output
+    output = str(Path(targets or cfg.precompute.output).resolve())
     try:
         table_dir = targets_table_dir(output)
     except FileNotFoundError as err:
         raise ConfigError(f"precompute.output: {err}") from None
+    # the workers' config names the targets used: the MLflow story model finds its Char-LDM there
+    cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"output": output})})
     cfg.require_dir("models.lm")
     if not ray.is_initialized():
         ray.init()
