@@ -157,8 +157,26 @@ def test_generate_writes_frames_grid_and_json_and_continues(tiny_work, tmp_path,
     assert [f["written"] for f in story["frames"]] == [False, False, True]
     assert [f["caption"] for f in story["frames"][:2]] == ["Emma waves hello.", "Later, she sits down."]
     grid = np.asarray(Image.open(out / "story.png"))
-    size = cfg.char_ldm.resolution
-    assert grid.shape == (size, 3 * size, 3)
+    frame = np.asarray(Image.open(out / "frame_00.png"))
+    scale = -(-192 // cfg.char_ldm.resolution)  # upscaled to >= 192 px by a whole factor, pixels kept
+    assert np.array_equal(grid[8:8 + frame.shape[0] * scale, 8:8 + frame.shape[1] * scale],
+                          frame.repeat(scale, 0).repeat(scale, 1))
     assert all((out / f"frame_{i:02d}.png").is_file() for i in range(3))
     assert main(["generate", *overrides, "--out", str(out)]) == 2  # no caption: an error naming --caption
     assert "--caption" in capsys.readouterr().err
+
+
+def test_story_grid_upscales_frames_and_writes_each_caption_under_its_frame():
+    from storygpt.story_grid import story_grid
+
+    frames = [np.full((32, 32, 3), c, np.uint8) for c in (50, 120, 200)]
+    captions = ["Emma waves hello in the forest.", "", "Later, they are eating lunch in the forest with Bruno."]
+    grid = np.asarray(story_grid(frames, captions))
+    assert grid.shape[1] == 8 + 3 * (192 + 8) and grid.shape[0] > 8 + 192 + 8
+    for i, frame in enumerate(frames):
+        x = 8 + i * 200
+        assert (grid[8:200, x:x + 192] == frame[0, 0]).all()  # 32 px -> 192 px, whole
+        text = grid[208:, x:x + 192]
+        assert (text.min() < 128) == bool(captions[i])  # dark caption pixels exactly under captioned frames
+    with pytest.raises(ValueError, match="3 frames but 2 captions"):
+        story_grid(frames, captions[:2])
