@@ -92,7 +92,7 @@ def test_license_file_and_spdx_expression():
 
 
 # ----------------------------------------------------------------------------- a real install
-def _checkout_copy(dest: Path) -> Path:
+def checkout_copy(dest: Path) -> Path:
     """What a fresh clone holds: the tracked files and the untracked ones git does not ignore."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, check=True).stdout.decode().split("\0")
@@ -112,7 +112,7 @@ def test_a_non_editable_install_runs_outside_the_checkout(tmp_path):
     installs only the project (--no-deps, --no-build-isolation: no download); a .pth *line* adds the path without
     running that site-packages' own .pth files, so the shared venv's editable install of this
     project stays out."""
-    source = _checkout_copy(tmp_path / "src")
+    source = checkout_copy(tmp_path / "src")
     venv = tmp_path / "venv"
     # no pip/setuptools of its own: this stack's (setuptools >= 77 reads the SPDX licence) serve the build
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
