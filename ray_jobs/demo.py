@@ -83,7 +83,8 @@ def _quiet() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")
     if not ray.is_initialized():
-        ray.init(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+        # the dashboard stays (on 127.0.0.1): Ray Train v2's controller reaches the State API through it
+        ray.init(log_to_driver=False, logging_level=logging.WARNING)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
