@@ -14,7 +14,10 @@ Ray Train, Serve, MLflow) are kept out of the way unless ``--verbose``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,8 +38,16 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)
     if cfg.data.world is None or cfg.zoo is None:
         raise ConfigError("demo: needs a preset with data.world and zoo (configs/tiny.yaml)")
-    if not args.verbose:
+    if args.verbose:
+        return _run(cfg)
+    log = Path(cfg.work_dir) / "demo.log"
+    print(f"(Ray's and the libraries' own log lines go to {log}; --verbose shows them here)", flush=True)
+    with _stderr_to(log):
         _quiet()
+        return _run(cfg)
+
+
+def _run(cfg: StoryConfig) -> int:
     started = time.perf_counter()
     steps = [("story world", _world), ("tiny model zoo", _zoo), ("dataset summary", _summary),
              ("preprocess (Ray Data)", _preprocess), ("train Char-LDM (Ray Train + DeepSpeed)", _train_ldm),
@@ -71,11 +82,27 @@ def run(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """File descriptor 2 (Python's and Ray's C++ stderr alike) into ``path`` while inside; an error
+    escaping the block is reported on the real stderr, after it is restored."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _quiet() -> None:
     """Ray's progress bars and INFO lines (and MLflow's, DeepSpeed's, HF's) out of the demo's output:
     a local Ray whose workers' output stays in its log files, WARNING and up on the driver."""
     import logging
-    import os
 
     import ray
     from ray.data import DataContext

@@ -20,6 +20,7 @@ code" (``storygpt/mlflow_pyfunc.py`` is what MLflow runs to load it): no pickle 
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ def log_model(mlflow, cfg: StoryConfig, stage: str, export: Path, register: bool
     model_config = {"stage": stage}
     if stage == "aligner":
         model_config["char_ldm_uri"] = _char_ldm_uri(mlflow, cfg)
-    with _config_file(cfg) as config, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        config = Path(tmp) / CONFIG  # the resolved config, whole
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         # a signature, no input example: with one MLflow would load and run the model at log time
         warnings.filterwarnings("ignore", message="An input example was not provided")
         info = mlflow.pyfunc.log_model(
@@ -71,24 +74,6 @@ def _char_ldm_uri(mlflow, cfg: StoryConfig) -> str:
     if versions:
         return f"models:/{name}/{max(int(v.version) for v in versions)}"
     return log_model(mlflow, cfg, "char_ldm", Path(char_ldm), register=False).model_uri
-
-
-class _config_file:
-    """The resolved config as a temp YAML file, for the model's artifacts."""
-
-    def __init__(self, cfg: StoryConfig):
-        self.cfg = cfg
-
-    def __enter__(self) -> Path:
-        import tempfile
-
-        self.dir = tempfile.TemporaryDirectory()
-        path = Path(self.dir.name) / CONFIG
-        path.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
-        return path
-
-    def __exit__(self, *exc) -> None:
-        self.dir.cleanup()
 
 
 def _signature(cfg: StoryConfig):
