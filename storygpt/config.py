@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from storygpt import presets
+
 DatasetFormat = Literal["flintstones", "storygptv", "pororo"]
 Dataset = Literal["world", "flintstones", "pororo"]
 # The character table a layout's own release uses (StoryGPT-V's layout is FlintstonesSV's). A
@@ -437,7 +439,7 @@ class StoryConfig(Section):
         """``train.deepspeed_config`` for this ZeRO stage; a relative ``configs/deepspeed/...`` that
         does not exist from the cwd is the bundled JSON (an installed wheel, a job's working dir)."""
         path = self.train.deepspeed_config.replace("{stage}", str(self.train.zero_stage))
-        bundled = None if Path(path).is_file() else _bundled(Path(path))
+        bundled = None if Path(path).is_file() else presets.bundled(Path(path))
         return str(bundled or path)
 
     def flat(self) -> dict[str, Any]:
@@ -449,41 +451,14 @@ class StoryConfig(Section):
 DEFAULT_PRESET = "tiny"
 
 
-def presets_dir() -> Path:
-    """The bundled presets: ``storygpt/configs`` in an installed wheel (package data), else the
-    checkout's ``configs/`` beside the package."""
-    packaged = Path(__file__).resolve().parent / "configs"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "configs"
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
-
-
 def find_config(name_or_path: str | Path) -> Path:
     """A preset file from a name (``tiny``, ``cluster-flintstones``) or a path. An existing path
     wins; a relative ``configs/...`` path missing from the cwd is read from the bundled presets."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    text = str(name_or_path)
-    if "/" not in text and "\\" not in text:  # a bare name
-        bundled = presets_dir() / (text if text.endswith((".yaml", ".yml")) else f"{text}.yaml")
-        if bundled.is_file():
-            return bundled
-    bundled = _bundled(path)
-    if bundled is not None:
-        return bundled
-    raise ConfigError(f"--config: no preset file '{name_or_path}' (a path, or one of the bundled presets: "
-                      f"{', '.join(preset_names())})")
-
-
-def _bundled(path: Path) -> Path | None:
-    """``configs/X`` (relative, missing from the cwd) as the bundled ``X``, if it exists."""
-    if path.is_absolute() or len(path.parts) < 2 or path.parts[0] != "configs":
-        return None
-    candidate = presets_dir().joinpath(*path.parts[1:])
-    return candidate if candidate.is_file() else None
+    found = presets.find(name_or_path)
+    if found is None:
+        raise ConfigError(f"--config: no preset file '{name_or_path}' (a path, or one of the bundled presets: "
+                          f"{', '.join(presets.names())})")
+    return found
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> StoryConfig:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from storygpt.config import ConfigError, find_config, load_config, preset_names, presets_dir
+from storygpt import presets
+from storygpt.config import ConfigError, find_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 OWN = ("storygpt", "preprocessing", "ray_jobs", "serving")
@@ -33,18 +34,18 @@ def _normal(name: str) -> str:
 # ----------------------------------------------------------------------------- presets by name
 def test_presets_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the checkout
-    assert {"tiny", "world", "flintstones", "pororo", "cluster-flintstones"} <= set(preset_names())
-    assert find_config("tiny") == presets_dir() / "tiny.yaml"
-    assert find_config("configs/world.yaml") == presets_dir() / "world.yaml"  # the README's paths work too
+    assert {"tiny", "world", "flintstones", "pororo", "cluster-flintstones"} <= set(presets.names())
+    assert find_config("tiny") == presets.directory() / "tiny.yaml"
+    assert find_config("configs/world.yaml") == presets.directory() / "world.yaml"  # the README's paths work too
     cfg = load_config("world")
-    assert cfg.preset == "world" and Path(cfg.deepspeed_config_path()) == presets_dir() / "deepspeed" / "zero2.json"
+    assert cfg.preset == "world" and Path(cfg.deepspeed_config_path()) == presets.directory() / "deepspeed" / "zero2.json"
     assert Path(cfg.resolved().train.deepspeed_config).is_file()
     assert load_config(None).preset == "tiny"  # the CLI's default
     with pytest.raises(ConfigError, match=r"--config: no preset file 'tiyn' .*tiny"):
         load_config("tiyn")
     mine = tmp_path / "configs" / "tiny.yaml"  # a file of the user's own wins over the bundled one
     mine.parent.mkdir()
-    mine.write_text("extends: " + str(presets_dir() / "tiny.yaml") + "\npreset: mine\n")
+    mine.write_text("extends: " + str(presets.directory() / "tiny.yaml") + "\npreset: mine\n")
     assert load_config("configs/tiny.yaml").preset == "mine"
 
 
