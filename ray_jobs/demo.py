@@ -15,6 +15,7 @@ Ray Train, Serve, MLflow) are kept out of the way unless ``--verbose``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -39,15 +40,17 @@ def run(args) -> int:
     if cfg.data.world is None or cfg.zoo is None:
         raise ConfigError("demo: needs a preset with data.world and zoo (configs/tiny.yaml)")
     if args.verbose:
-        return _run(cfg)
+        return _run(cfg, sys.stdout)
     log = Path(cfg.work_dir) / "demo.log"
-    print(f"(Ray's and the libraries' own log lines go to {log}; --verbose shows them here)", flush=True)
-    with _stderr_to(log):
+    print(f"(Ray's and the libraries' own output goes to {log}; --verbose shows it here)", flush=True)
+    with _output_to(log) as terminal:
         _quiet()
-        return _run(cfg)
+        return _run(cfg, terminal)
 
 
-def _run(cfg: StoryConfig) -> int:
+def _run(cfg: StoryConfig, out) -> int:
+    """The steps, each announced and summed up in one line on ``out``."""
+    say = functools.partial(print, file=out)
     started = time.perf_counter()
     steps = [("story world", _world), ("tiny model zoo", _zoo), ("dataset summary", _summary),
              ("preprocess (Ray Data)", _preprocess), ("train Char-LDM (Ray Train + DeepSpeed)", _train_ldm),
@@ -59,44 +62,51 @@ def _run(cfg: StoryConfig) -> int:
              ("serve, and draw a story over HTTP (Ray Serve)", _serve)]
     results = {}
     for i, (name, step) in enumerate(steps, 1):
-        print(f"[{i:2d}/{len(steps)}] {name} ...", flush=True)
+        say(f"[{i:2d}/{len(steps)}] {name} ...")
         t = time.perf_counter()
         results[name] = step(cfg, results)
-        print(f"        {time.perf_counter() - t:5.1f}s  {_brief(name, results[name])}", flush=True)
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s (preset '{cfg.preset}', work dir {cfg.work_dir})")
+        say(f"        {time.perf_counter() - t:5.1f}s  {_brief(name, results[name])}")
+    say(f"\ndemo finished in {time.perf_counter() - started:.0f}s (preset '{cfg.preset}', work dir {cfg.work_dir})")
     root = results["story world"]["root"]
-    print(f"  dataset:  {root}  (inspect: storygpt data show --referential --dataset world --root {root})")
-    print(f"  records:  {results['preprocess (Ray Data)']['output']}  (manifest.json, records/, errors/)")
-    print(f"  Char-LDM: {results['train Char-LDM (Ray Train + DeepSpeed)']['export']}")
-    print(f"  aligner:  {results['train aligner (Ray Train + DeepSpeed)']['export']}")
+    say(f"  dataset:  {root}  (inspect: storygpt data show --referential --dataset world --root {root})")
+    say(f"  records:  {results['preprocess (Ray Data)']['output']}  (manifest.json, records/, errors/)")
+    say(f"  Char-LDM: {results['train Char-LDM (Ray Train + DeepSpeed)']['export']}")
+    say(f"  aligner:  {results['train aligner (Ray Train + DeepSpeed)']['export']}")
     evaluation = results["evaluate the test stories (Ray Data)"]
-    print(f"  scores:   {evaluation['output']}/table.md  (the paper's Table 1 on the test split):\n")
-    print("    " + evaluation["table"].replace("\n", "\n    ") + "\n")
+    say(f"  scores:   {evaluation['output']}/table.md  (the paper's Table 1 on the test split):\n")
+    say("    " + evaluation["table"].replace("\n", "\n    ") + "\n")
     served = results["serve, and draw a story over HTTP (Ray Serve)"]
-    print(f"  story:    {served['grid']}  (drawn through {served['url']}/v1/stories)")
+    say(f"  story:    {served['grid']}  (drawn through {served['url']}/v1/stories)")
     uri = tracking_uri(cfg.resolved())
-    print(f"  MLflow:   experiment '{cfg.mlflow.experiment}' (mlflow ui --backend-store-uri {uri})")
-    print(f"  serve it: storygpt serve --model-uri models:/{cfg.mlflow.experiment}-aligner/"
+    say(f"  MLflow:   experiment '{cfg.mlflow.experiment}' (mlflow ui --backend-store-uri {uri})")
+    say(f"  serve it: storygpt serve --model-uri models:/{cfg.mlflow.experiment}-aligner/"
           f"{_latest_version(cfg, uri)} --tracking-uri {uri}")
-    print("  " + _verdict(evaluation["results"]))
+    say("  " + _verdict(evaluation["results"]))
     return 0
 
 
 @contextlib.contextmanager
-def _stderr_to(path: Path):
-    """File descriptor 2 (Python's and Ray's C++ stderr alike) into ``path`` while inside; an error
-    escaping the block is reported on the real stderr, after it is restored."""
+def _output_to(path: Path):
+    """File descriptors 1 and 2 into ``path`` while inside (Ray's C++ logs and its "(raylet)"
+    notices, Python warnings, progress bars alike); yields a stream to the real stdout for the
+    demo's own lines. Both are restored on the way out, so an error is reported on the terminal."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
     with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            yield
+            yield terminal
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, original in zip((1, 2), saved):
+                os.dup2(original, fd)
+                os.close(original)
+            terminal.close()
 
 
 def _quiet() -> None:
