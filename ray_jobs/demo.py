@@ -74,7 +74,7 @@ def _run(cfg: StoryConfig, out) -> int:
     say(f"  aligner:  {results['train aligner (Ray Train + DeepSpeed)']['export']}")
     evaluation = results["evaluate the test stories (Ray Data)"]
     say(f"  scores:   {evaluation['output']}/table.md  (the paper's Table 1 on the test split):\n")
-    say("    " + evaluation["table"].replace("\n", "\n    ") + "\n")
+    say("    " + evaluation["table"].strip().replace("\n", "\n    ") + "\n")
     served = results["serve, and draw a story over HTTP (Ray Serve)"]
     say(f"  story:    {served['grid']}  (drawn through {served['url']}/v1/stories)")
     uri = tracking_uri(cfg.resolved())
@@ -147,6 +147,9 @@ def _brief(step: str, result: dict) -> str:
         return f"{r['frames_in']} frames -> {r['records_out']} records, {r['errors']} errors"
     if step.startswith("train Char-LDM"):
         return f"{r['steps']} steps, loss {r['loss']}, attention-in-mask ratio {r['attn_in_mask_ratio']}"
+    if step.startswith("train the evaluation"):
+        return f"{r['steps']} steps, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, " \
+               f"saved to {r.get('output') or r.get('captioner')}"
     if step.startswith("precompute"):
         return f"{r['targets']} targets"
     if step.startswith("train aligner"):
@@ -175,7 +178,8 @@ def _verdict(results: dict) -> str:
     scores = (f"Char-LDM, exact detector: Char-Acc {100 * drawn['det_char_acc']:.1f} % (chance "
               f"{100 * chance['char_acc']:.1f} %), BG-Acc {100 * drawn['det_bg_acc']:.1f} % (chance "
               f"{100 * chance['bg_acc']:.1f} %)")
-    learned = drawn["det_char_acc"] >= 2 * chance["char_acc"] and drawn["det_bg_acc"] >= 2 * chance["bg_acc"]
+    learned = (drawn["det_char_acc"] >= 2 * chance["char_acc"] and drawn["det_bg_acc"] >= 2 * chance["bg_acc"]
+               and drawn["det_char_acc"] > 0 and drawn["det_bg_acc"] > 0)  # 0 is never "twice" a chance of 0
     return f"({scores}: " + ("both at least twice chance)" if learned else
                              "not both twice chance yet: the frames prove the pipeline, not the method)")
 

@@ -56,3 +56,6 @@ def test_demo_verdict_says_learned_only_when_both_scores_reach_twice_chance():
     settings_missed = _verdict({"char_ldm/original": {"det_char_acc": 0.55, "det_bg_acc": 0.15},
                                 "most_frequent": chance})
     assert "prove the pipeline, not the method" in settings_missed
+    nothing = _verdict({"char_ldm/original": {"det_char_acc": 0.0, "det_bg_acc": 0.0},
+                        "most_frequent": {"char_acc": 0.0, "bg_acc": 0.0}})
+    assert "prove the pipeline, not the method" in nothing  # 0 % is not twice a chance of 0 %
