@@ -51,7 +51,7 @@ def log_model(mlflow, cfg: StoryConfig, stage: str, export: Path, register: bool
         config = Path(tmp) / CONFIG  # the resolved config, whole
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         # a signature, no input example: with one MLflow would load and run the model at log time
-        warnings.filterwarnings("ignore", message="An input example was not provided")
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")  # (it is colour-coded)
         info = mlflow.pyfunc.log_model(
             name=stage, python_model=str(CODE), artifacts={EXPORT: str(export), CONFIG: str(config)},
             model_config=model_config, signature=_signature(cfg), pip_requirements=_requirements(),
