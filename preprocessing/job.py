@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from storygpt.commands import add_config_arguments
-from storygpt.config import ConfigError, StoryConfig, load_config
+from storygpt.config import DATASET_OF_FORMAT, ConfigError, StoryConfig, load_config
 
 FINGERPRINT_KEYS = ("data.", "preprocess.super_resolution.", "preprocess.masks.backend", "char_ldm.resolution")
 
@@ -30,6 +30,8 @@ def run(args) -> int:
     overrides = list(args.overrides)
     overrides += [f"data.root={args.input}"] if args.input else []
     overrides += [f"data.format={args.format}"] if args.format else []
+    if args.format and not any(o.startswith("data.dataset=") for o in overrides):  # the layout's own table
+        overrides += [f"data.dataset={DATASET_OF_FORMAT[args.format]}"]
     overrides += [f"preprocess.output={args.output}"] if args.output else []
     cfg = load_config(args.config, overrides)
     manifest = preprocess(cfg)
@@ -65,7 +67,7 @@ def preprocess(cfg: StoryConfig) -> dict:
     for split in cfg.preprocess.splits:
         options = ReadOptions(split, cfg.data.frames_per_story, cfg.data.clip_frame, cfg.data.box_source_size,
                               on_error="skip", check_files=False, referential_rule=cfg.data.referential_rule)
-        stories, report = read_stories(cfg.data.format, cfg.path(cfg.data.root), table, options)
+        stories, report = read_stories(cfg.data.format, cfg.dataset_root(), table, options)
         rows += [prepare.frame_row(f, split) for s in stories for f in s.frames]
         read_errors += [{"id": s.id, "story_id": s.id, "stage": "read", "reason": f"{s.file}: {s.reason}",
                          "dropped": "story"} for s in report.skipped]

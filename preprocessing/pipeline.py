@@ -14,6 +14,7 @@ def _pool(pool) -> dict:
     return dict(
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, batch_size=pool.batch_size,
+        resources=dict(pool.resources),  # the node type's custom resource (configs/cluster-*.yaml)
     )
 
 

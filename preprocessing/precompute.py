@@ -122,7 +122,7 @@ def build(files: list[str], done: set[str], cfg: StoryConfig, trained: Path, out
     ds = ds.map_batches(
         ComputeTargets, batch_format="pyarrow", batch_size=pool.batch_size,
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
+        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=dict(pool.resources),
         fn_constructor_kwargs=dict(cfg=cfg.model_dump(mode="json"), char_ldm=str(trained),
                                    threads=cfg.preprocess.torch_threads, num_gpus=pool.num_gpus),
     )

@@ -7,11 +7,18 @@ evaluation's classifier and captioner, score the test stories (Ray Data; the pap
 and draw one referential story through the HTTP API of the Ray Serve app (LLM + Char-LDM
 deployments): every stage on one local Ray, tracked in MLflow.
 On the tiny preset's budget the models learn little: the demo proves the pipeline.
+
+It prints each step and one line of its results; Ray's own log lines and progress bars (Ray Data,
+Ray Train, Serve, MLflow) are kept out of the way unless ``--verbose``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +31,7 @@ from storygpt.config import ConfigError, StoryConfig, load_config
 def add_arguments(p) -> None:
     add_config_arguments(p)
     p.add_argument("--work-dir", help="where everything is written (overrides work_dir)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's log lines and progress bars too")
 
 
 def run(args) -> int:
@@ -31,6 +39,18 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)
     if cfg.data.world is None or cfg.zoo is None:
         raise ConfigError("demo: needs a preset with data.world and zoo (configs/tiny.yaml)")
+    if args.verbose:
+        return _run(cfg, sys.stdout)
+    log = Path(cfg.work_dir) / "demo.log"
+    print(f"(Ray's and the libraries' own output goes to {log}; --verbose shows it here)", flush=True)
+    with _output_to(log) as terminal:
+        _quiet()
+        return _run(cfg, terminal)
+
+
+def _run(cfg: StoryConfig, out) -> int:
+    """The steps, each announced and summed up in one line on ``out``."""
+    say = functools.partial(print, file=out)
     started = time.perf_counter()
     steps = [("story world", _world), ("tiny model zoo", _zoo), ("dataset summary", _summary),
              ("preprocess (Ray Data)", _preprocess), ("train Char-LDM (Ray Train + DeepSpeed)", _train_ldm),
@@ -42,33 +62,117 @@ def run(args) -> int:
              ("serve, and draw a story over HTTP (Ray Serve)", _serve)]
     results = {}
     for i, (name, step) in enumerate(steps, 1):
-        print(f"[{i}/{len(steps)}] {name} ...", flush=True)
+        say(f"[{i:2d}/{len(steps)}] {name} ...")
         t = time.perf_counter()
         results[name] = step(cfg, results)
-        shown = {k: v for k, v in results[name].items() if k not in ("table", "results")}
-        print(f"      done in {time.perf_counter() - t:.1f}s: {json.dumps(shown)}", flush=True)
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s (preset '{cfg.preset}', work dir {cfg.work_dir})")
+        say(f"        {time.perf_counter() - t:5.1f}s  {_brief(name, results[name])}")
+    say(f"\ndemo finished in {time.perf_counter() - started:.0f}s (preset '{cfg.preset}', work dir {cfg.work_dir})")
     root = results["story world"]["root"]
-    print(f"  dataset:  {root}  (inspect: storygpt data show --referential --root {root})")
-    print(f"  models:   {results['tiny model zoo']['zoo']}")
-    print(f"  records:  {results['preprocess (Ray Data)']['output']}  (manifest.json, records/, errors/)")
-    print(f"  Char-LDM: {results['train Char-LDM (Ray Train + DeepSpeed)']['export']}")
-    print(f"  aligner:  {results['train aligner (Ray Train + DeepSpeed)']['export']}")
+    say(f"  dataset:  {root}  (inspect: storygpt data show --referential --dataset world --root {root})")
+    say(f"  records:  {results['preprocess (Ray Data)']['output']}  (manifest.json, records/, errors/)")
+    say(f"  Char-LDM: {results['train Char-LDM (Ray Train + DeepSpeed)']['export']}")
+    say(f"  aligner:  {results['train aligner (Ray Train + DeepSpeed)']['export']}")
     evaluation = results["evaluate the test stories (Ray Data)"]
-    print(f"  scores:   {evaluation['output']}/table.md  (the paper's Table 1 on the test split):\n")
-    print("    " + evaluation["table"].replace("\n", "\n    "))
+    say(f"  scores:   {evaluation['output']}/table.md  (the paper's Table 1 on the test split):\n")
+    say("    " + evaluation["table"].strip().replace("\n", "\n    ") + "\n")
     served = results["serve, and draw a story over HTTP (Ray Serve)"]
-    print(f"  story:    {served['grid']}  (drawn through {served['url']}/v1/stories)")
-    print(f"  served:   {served['url']} during the demo; serve it again with: storygpt serve --config "
-          f"{args.config} --set work_dir={cfg.work_dir}")
-    print(f"  MLflow:   experiment '{cfg.mlflow.experiment}' at {tracking_uri(cfg)}  "
-          f"(mlflow ui --backend-store-uri {tracking_uri(cfg)})")
-    print("  " + _verdict(evaluation["results"]))
+    say(f"  story:    {served['grid']}  (drawn through {served['url']}/v1/stories)")
+    uri = tracking_uri(cfg.resolved())
+    say(f"  MLflow:   experiment '{cfg.mlflow.experiment}' (mlflow ui --backend-store-uri {uri})")
+    say(f"  serve it: storygpt serve --model-uri models:/{cfg.mlflow.experiment}-aligner/"
+          f"{_latest_version(cfg, uri)} --tracking-uri {uri}")
+    say("  " + _verdict(evaluation["results"]))
     from storygpt.evaluation.report import referential_verdict
 
     if (line := referential_verdict(evaluation["results"])) is not None:
-        print("  " + line)
+        say("  " + line)
     return 0
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """File descriptors 1 and 2 into ``path`` while inside (Ray's C++ logs and its "(raylet)"
+    notices, Python warnings, progress bars alike); yields a stream to the real stdout for the
+    demo's own lines. Both are restored on the way out, so an error is reported on the terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, original in zip((1, 2), saved):
+                os.dup2(original, fd)
+                os.close(original)
+            terminal.close()
+
+
+def _quiet() -> None:
+    """Ray's progress bars and INFO lines (and MLflow's, DeepSpeed's, HF's) out of the demo's output:
+    a local Ray whose workers' output stays in its log files, WARNING and up on the driver."""
+    import logging
+
+    import ray
+    from ray.data import DataContext
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not ray.is_initialized():
+        # the dashboard stays (on 127.0.0.1): Ray Train v2's controller reaches the State API through it
+        ray.init(log_to_driver=False, logging_level=logging.WARNING)
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "mlflow", "deepspeed", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # library deprecation chatter goes to the (quiet) warnings logger
+
+
+def _brief(step: str, result: dict) -> str:
+    """One line of a step's results."""
+    r = result
+    if step == "story world":
+        return f"{r['stories']} stories, {r['frames']} frames (train/val/test stories: " \
+               f"{'/'.join(str(r['splits'][s]) for s in ('train', 'val', 'test'))})"
+    if step == "tiny model zoo":
+        return f"{len(r['parts'])} parts in {r['zoo']}"
+    if step == "dataset summary":
+        return f"train {r['train']['frames']} frames ({r['train']['pronoun_frames']} with pronouns), " \
+               f"val {r['val']['frames']}, test {r['test']['frames']}; frames per character " + \
+               ", ".join(f"{k} {v}" for k, v in r["character_frames"].items())
+    if step.startswith("preprocess"):
+        return f"{r['frames_in']} frames -> {r['records_out']} records, {r['errors']} errors"
+    if step.startswith("train Char-LDM"):
+        return f"{r['steps']} steps, loss {r['loss']}, attention-in-mask ratio {r['attn_in_mask_ratio']}"
+    if step.startswith("train the evaluation"):
+        return f"{r['steps']} steps, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, " \
+               f"saved to {r.get('output') or r.get('captioner')}"
+    if step.startswith("precompute"):
+        return f"{r['targets']} targets"
+    if step.startswith("train aligner"):
+        return f"{r['steps']} steps, align loss {r['align_loss']}, reference accuracy " \
+               f"{r['reference_accuracy']} (chance {r['reference_chance']})"
+    if step.startswith("evaluate"):
+        return f"{r['stories']} test stories drawn and scored (table below)"
+    if step.startswith("serve"):
+        return f"{r['frames']} frames from {r['url']}/v1/stories"
+    return ", ".join(f"{k} {round(v, 3) if isinstance(v, float) else v}" for k, v in r.items()
+                     if isinstance(v, (int, float, str)))[:150]
+
+
+def _latest_version(cfg: StoryConfig, uri: str) -> str:
+    """The story model's newest registered version (what train-aligner just registered)."""
+    import mlflow
+
+    versions = mlflow.MlflowClient(uri).search_model_versions(f"name = '{cfg.mlflow.experiment}-aligner'")
+    return str(max((int(v.version) for v in versions), default=1))
 
 
 def _verdict(results: dict) -> str:
@@ -78,7 +182,8 @@ def _verdict(results: dict) -> str:
     scores = (f"Char-LDM, exact detector: Char-Acc {100 * drawn['det_char_acc']:.1f} % (chance "
               f"{100 * chance['char_acc']:.1f} %), BG-Acc {100 * drawn['det_bg_acc']:.1f} % (chance "
               f"{100 * chance['bg_acc']:.1f} %)")
-    learned = drawn["det_char_acc"] >= 2 * chance["char_acc"] and drawn["det_bg_acc"] >= 2 * chance["bg_acc"]
+    learned = (drawn["det_char_acc"] >= 2 * chance["char_acc"] and drawn["det_bg_acc"] >= 2 * chance["bg_acc"]
+               and drawn["det_char_acc"] > 0 and drawn["det_bg_acc"] > 0)  # 0 is never "twice" a chance of 0
     return f"({scores}: " + ("both at least twice chance)" if learned else
                              "not both twice chance yet: the frames prove the pipeline, not the method)")
 
@@ -209,6 +314,7 @@ def _serve(cfg: StoryConfig, results: dict) -> dict:
 
     from serving.app import build_app
     from serving.command import start
+    from storygpt.story_grid import story_grid
 
     resolved = cfg.resolved()
     app = build_app(resolved, results["train Char-LDM (Ray Train + DeepSpeed)"]["export"],
@@ -225,7 +331,7 @@ def _serve(cfg: StoryConfig, results: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(out / f"frame_{i:02d}.png")
-    Image.fromarray(np.concatenate(frames, axis=1)).save(out / "story.png")
+    story_grid(frames, DEMO_STORY).save(out / "story.png")  # upscaled, each caption under its frame
     (out / "story.json").write_text(json.dumps({"captions": DEMO_STORY, "url": url}, indent=1))
     return {"url": url, "frames": len(frames), "grid": str(out / "story.png")}
 

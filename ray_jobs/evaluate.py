@@ -134,7 +134,7 @@ def _pipeline(cfg: StoryConfig, tasks: list[dict], records_dir: Path, frame_ids:
 
     pool = cfg.evaluate.pool
     actors = dict(compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-                  num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)
+                  num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=dict(pool.resources))
     settings = dict(cfg=cfg.model_dump(mode="json"), threads=max(1, int(pool.num_cpus)), num_gpus=pool.num_gpus)
     drawn = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks))).map_batches(
         DrawStories, batch_size=1, batch_format="pyarrow", **actors,

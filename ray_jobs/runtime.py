@@ -227,7 +227,8 @@ def fit_trainer(cfg: StoryConfig, train_loop, loop_config: dict, name: str, data
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_name": name, **loop_config},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                                                     **cfg.train.resources_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=cfg.train.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -241,11 +242,17 @@ def fit_trainer(cfg: StoryConfig, train_loop, loop_config: dict, name: str, data
 
 
 def export_trained(engine, cfg: StoryConfig, stage: str, run: str, rank: int, tracker) -> None:
-    """``{work_dir}/<stage>/<run>``: the trained parts (``save_trained``), logged and registered
-    as ``<experiment>-<stage>``. Every rank gathers under ZeRO-3; rank 0 writes and logs."""
+    """``{work_dir}/<stage>/<run>``: the trained parts (``save_trained``) and their model card,
+    logged as an MLflow model and registered as ``<experiment>-<stage>``. Every rank gathers
+    under ZeRO-3; rank 0 writes and logs."""
+    from storygpt.models.cards import write_model_card
+
+    def write(directory: Path) -> None:
+        engine.module.save_trained(directory)
+        write_model_card(cfg, stage, directory, run)
+
     export = Path(cfg.work_dir) / stage / run
     with full_parameters(engine.module, cfg.train.zero_stage):
         if rank == 0:
-            replace_dir(export, engine.module.save_trained)  # never a half-written latest export
-            tracker.artifacts(export, stage)
-            tracker.register(stage, f"{cfg.mlflow.experiment}-{stage.replace('_', '-')}")
+            replace_dir(export, write)  # never a half-written latest export
+            tracker.log_model(export, stage)

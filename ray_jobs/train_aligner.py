@@ -45,11 +45,13 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     from ray_jobs.runtime import fit_trainer, run_name
     from storygpt.char_ldm.targets import read_target_info, targets_table_dir
 
-    output = targets or cfg.precompute.output
+    output = str(Path(targets or cfg.precompute.output).resolve())
     try:
         table_dir = targets_table_dir(output)
     except FileNotFoundError as err:
         raise ConfigError(f"precompute.output: {err}") from None
+    # the workers' config names the targets used: the MLflow story model finds its Char-LDM there
+    cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"output": output})})
     cfg.require_dir("models.lm")
     if not ray.is_initialized():
         ray.init()
@@ -85,7 +87,8 @@ def _candidates(cfg: StoryConfig, info: dict, evaluation: list[dict]) -> list:
     if not evaluation:
         return []
     pool = cfg.precompute.pool
-    task = ray.remote(num_cpus=min(1.0, pool.num_cpus), num_gpus=pool.num_gpus)(_fuse_candidates)
+    task = ray.remote(num_cpus=min(1.0, pool.num_cpus), num_gpus=pool.num_gpus,
+                      resources=dict(pool.resources))(_fuse_candidates)
     frames = [(str(e["caption"]), [str(c) for c in e["characters"]]) for e in evaluation]
     return ray.get(task.remote(cfg.resolved().model_dump(mode="json"), info["char_ldm"], info["records"], frames))
 

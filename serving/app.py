@@ -30,7 +30,8 @@ def deployment_options(replica: ReplicaConfig) -> dict:
                                "initial_replicas": replica.min_replicas,
                                "target_ongoing_requests": replica.target_ongoing_requests},
         "max_ongoing_requests": replica.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
+        "ray_actor_options": {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus,
+                              "resources": dict(replica.resources)},  # the node type (configs/cluster-*.yaml)
     }
 
 

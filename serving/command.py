@@ -1,7 +1,10 @@
 """storygpt serve --config C [--set k=v] [--host H] [--port P]: the API and web page, locally.
 
 Starts a local Ray, deploys :func:`serving.app.build_app` on ``serve.host:serve.port``
-(127.0.0.1 unless told otherwise), prints the URL and serves until Ctrl-C. On a cluster use
+(127.0.0.1 unless told otherwise), prints the URL and serves until Ctrl-C. ``--model-uri
+models:/<experiment>-aligner/<version>`` (or ``@alias``) serves a registered story model instead:
+its trained parts and the config it was trained with come from the MLflow registry
+(storygpt/registry.py), ``--set`` adjusts that config. On a cluster use
 ``serve deploy serving/serve_config.yaml`` instead.
 """
 
@@ -24,10 +27,16 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, help="port (default: serve.port)")
     p.add_argument("--char-ldm", help="trained Char-LDM dir (default: models.char_ldm, else the latest export)")
     p.add_argument("--aligner", help="trained aligner dir (default: models.aligner, else the latest export)")
+    p.add_argument("--model-uri", help="a registered story model, e.g. models:/storygpt-tiny-aligner/1 or "
+                                       "models:/storygpt-tiny-aligner@champion (its config and trained parts)")
+    p.add_argument("--tracking-uri", help="the MLflow registry of --model-uri (default: $MLFLOW_TRACKING_URI)")
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    if args.model_uri:
+        cfg, args.char_ldm, args.aligner = _registered(args)
+    else:
+        cfg = load_config(args.config, args.overrides)
     host = args.host or cfg.serve.host
     port = cfg.serve.port if args.port is None else args.port
     if not 1 <= port <= 65535:
@@ -49,6 +58,29 @@ def run(args) -> int:
     finally:
         stop()
     return 0
+
+
+def _registered(args):
+    """(config, Char-LDM dir, aligner dir) of the story model at ``--model-uri``."""
+    import mlflow
+
+    from storygpt.registry import resolve
+
+    given = [flag for flag, value in (("--config", args.config), ("--char-ldm", args.char_ldm),
+                                      ("--aligner", args.aligner)) if value]
+    if given:
+        raise ConfigError(f"--model-uri: the version carries its config and trained parts; drop {', '.join(given)} "
+                          "(adjust the config with --set)")
+    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking:
+        raise ConfigError("--tracking-uri: where the registry of --model-uri is (e.g. sqlite:///work_dirs/demo/mlflow.db)"
+                          "; or set $MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking)
+    model = resolve(args.model_uri, args.overrides)
+    if model.aligner is None:
+        raise ConfigError(f"--model-uri: '{args.model_uri}' is a {model.stage} model; serving needs a story model "
+                          f"(models:/{model.cfg.mlflow.experiment}-aligner/<version>: the aligner and its Char-LDM)")
+    return model.cfg, str(model.char_ldm), str(model.aligner)
 
 
 def start(application, host: str, port: int, ray_init: bool = True) -> str:

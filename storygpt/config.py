@@ -1,6 +1,9 @@
 """One typed schema for the whole system, YAML presets, dotted overrides.
 
-A preset is data (``configs/*.yaml``). It may ``extends:`` another preset (a path relative to
+A preset is data (``configs/*.yaml``, shipped inside the package too). ``--config`` takes a preset
+name (``tiny``) or a path; a relative ``configs/...`` path that does not exist from the cwd is
+looked up among the bundled presets, so commands work from any directory (a `ray job submit`
+working dir, an installed wheel). A preset may ``extends:`` another preset (a path relative to
 itself); mappings merge key by key, everything else replaces. ``--set a.b=value`` overrides
 parse ``value`` as YAML. Unknown keys, wrong types and missing required paths raise
 :class:`ConfigError` naming the dotted key and what was expected, nanoGPT-configurator style.
@@ -18,7 +21,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from storygpt import presets
+
 DatasetFormat = Literal["flintstones", "storygptv", "pororo"]
+Dataset = Literal["world", "flintstones", "pororo"]
+# The character table a layout's own release uses (StoryGPT-V's layout is FlintstonesSV's). A
+# command given --format without --dataset reads with this table: the story world is also written
+# in the FlintstonesSV layout, but only its own preset says `dataset: world`.
+DATASET_OF_FORMAT: dict[str, Dataset] = {"flintstones": "flintstones", "storygptv": "flintstones", "pororo": "pororo"}
+PART = Literal["clip_text", "clip_vision", "vae", "unet", "scheduler", "lm", "sam", "super_resolution"]
 
 
 class ConfigError(ValueError):
@@ -43,7 +54,7 @@ class WorldConfig(Section):
 
 class DataConfig(Section):
     format: DatasetFormat
-    dataset: Literal["world", "flintstones", "pororo"] = Field(
+    dataset: Dataset = Field(
         description="character table (names, genders, label order) the corpus uses"
     )
     root: str = Field(description="dataset directory; '{work_dir}' is substituted")
@@ -63,6 +74,16 @@ class DataConfig(Section):
 
 
 # ----------------------------------------------------------------------------- models
+class ModelSource(Section):
+    """Where pretrained parts come from and under which licence: every export's model card names them."""
+
+    name: str = Field(description="e.g. stable-diffusion-v1-5")
+    license: str = Field(description="the licence the weights are published under")
+    url: str | None = None
+    parts: list[PART] = Field(min_length=1, description="the models.* parts taken from it")
+    note: str | None = Field(default=None, description="what the licence asks of derivatives")
+
+
 class ModelPaths(Section):
     """Local weight directories, one per pretrained part; '{work_dir}' is substituted."""
 
@@ -76,6 +97,8 @@ class ModelPaths(Section):
     super_resolution: str
     char_ldm: str | None = Field(default=None, description="trained Char-LDM (train-ldm's export); null: the latest")
     aligner: str | None = Field(default=None, description="trained aligner (train-aligner's export); null: the latest")
+    sources: list[ModelSource] = Field(
+        default_factory=list, description="provenance and licences of the parts above (the exports' model cards)")
 
 
 class TinyZooConfig(Section):
@@ -130,6 +153,8 @@ class ActorPoolConfig(Section):
     num_cpus: float = Field(gt=0)
     num_gpus: float = Field(ge=0)
     batch_size: int = Field(ge=1)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources per actor, e.g. {gpu_1x_worker: 0.5}: the node type")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "ActorPoolConfig":
@@ -231,6 +256,8 @@ class PrecomputeConfig(Section):
 class TrainConfig(Section):
     num_workers: int = Field(ge=1)
     cpus_per_worker: float = Field(gt=0, description="leave CPUs for the Ray Data tasks that feed them")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom resources per Train worker, e.g. {gpu_8x_worker: 1}: the node type")
     use_gpu: bool
     zero_stage: Literal[2, 3]
     deepspeed_config: str = Field(description="DeepSpeed JSON; '{stage}' is replaced by zero_stage")
@@ -258,6 +285,8 @@ class ReplicaConfig(Section):
     num_gpus: float = Field(ge=0)
     max_ongoing_requests: int = Field(ge=1)
     target_ongoing_requests: float = Field(gt=0, description="autoscaling target per replica")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources per replica, e.g. {gpu_1x_worker: 1}: the node type")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "ReplicaConfig":
@@ -365,9 +394,27 @@ class StoryConfig(Section):
             value = getattr(value, part)
         path = self.path(value)
         if not path.is_dir():
-            extra = f" ({hint})" if hint else ""
+            hints = [hint] if hint else []
+            if dotted.startswith("models.") and self.zoo is not None and self._in_work_dir(path, "zoo"):
+                hints.append(f"build the tiny zoo: storygpt zoo {self._command_args()}")
+            extra = f" ({'; '.join(hints)})" if hints else ""
             raise ConfigError(f"{dotted}: expected an existing directory, got '{path}'{extra}")
         return path
+
+    def dataset_root(self) -> Path:
+        """``data.root``; a story-world preset whose world is not rendered yet says how to render it."""
+        root = self.path(self.data.root)
+        if self.data.world is not None and not root.is_dir():
+            raise ConfigError(f"data.root: no dataset at '{root}' (render the story world: "
+                              f"storygpt world {self._command_args()})")
+        return root
+
+    def _in_work_dir(self, path: Path, part: str) -> bool:
+        return (Path(self.work_dir) / part).resolve() in path.resolve().parents
+
+    def _command_args(self) -> str:
+        """``--config PRESET --set work_dir=DIR``: a command that builds what this config reads."""
+        return f"--config {self.preset} --set work_dir={self.work_dir}"
 
     def resolved(self) -> "StoryConfig":
         """The same config with ``{work_dir}`` substituted and every path absolute, for processes
@@ -377,7 +424,7 @@ class StoryConfig(Section):
         data = self.model_dump()
         data["work_dir"] = str(base)
         data["data"]["root"] = absolute(self.data.root)
-        data["models"] = {k: v if v is None else absolute(v) for k, v in data["models"].items()}
+        data["models"] = {k: v if v is None or k == "sources" else absolute(v) for k, v in data["models"].items()}
         data["preprocess"]["output"] = absolute(self.preprocess.output)
         data["precompute"]["output"] = absolute(self.precompute.output)
         data["train"]["storage_path"] = absolute(self.train.storage_path)
@@ -392,7 +439,11 @@ class StoryConfig(Section):
         return StoryConfig.model_validate(data)
 
     def deepspeed_config_path(self) -> str:
-        return self.train.deepspeed_config.replace("{stage}", str(self.train.zero_stage))
+        """``train.deepspeed_config`` for this ZeRO stage; a relative ``configs/deepspeed/...`` that
+        does not exist from the cwd is the bundled JSON (an installed wheel, a job's working dir)."""
+        path = self.train.deepspeed_config.replace("{stage}", str(self.train.zero_stage))
+        bundled = None if Path(path).is_file() else presets.bundled(Path(path))
+        return str(bundled or path)
 
     def flat(self) -> dict[str, Any]:
         """Flattened dotted view (MLflow params, manifests)."""
@@ -400,8 +451,23 @@ class StoryConfig(Section):
 
 
 # ----------------------------------------------------------------------------- loading
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StoryConfig:
-    raw = _read_preset(Path(path), seen=())
+DEFAULT_PRESET = "tiny"
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A preset file from a name (``tiny``, ``cluster-flintstones``) or a path. An existing path
+    wins; a relative ``configs/...`` path missing from the cwd is read from the bundled presets."""
+    found = presets.find(name_or_path)
+    if found is None:
+        raise ConfigError(f"--config: no preset file '{name_or_path}' (a path, or one of the bundled presets: "
+                          f"{', '.join(presets.names())})")
+    return found
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> StoryConfig:
+    """The preset ``path`` (a file or a bundled preset's name; None: ``tiny``) with ``--set`` overrides."""
+    path = find_config(DEFAULT_PRESET if path is None else path)
+    raw = _read_preset(path, seen=())
     for item in overrides:
         _apply_override(raw, item)
     try:

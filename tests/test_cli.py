@@ -20,7 +20,8 @@ def test_world_then_data_show_round_trip(tmp_path, capsys, repo, monkeypatch):
     monkeypatch.chdir(repo)
     assert main(["world", "--out", str(tmp_path / "w"), "--stories", "6", "--seed", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["frames"] == 30
-    args = ["data", "show", "--root", str(tmp_path / "w"), "--referential", "--json", "--format", "flintstones"]
+    args = ["data", "show", "--root", str(tmp_path / "w"), "--referential", "--json", "--format", "flintstones",
+            "--dataset", "world"]  # the world in the FlintstonesSV layout: its own table, said explicitly
     stories = []
     for split in ("train", "val", "test"):
         assert main([*args, "--split", split, "--set", "data.on_error=raise"]) == 0
@@ -39,6 +40,57 @@ def test_world_then_data_show_round_trip(tmp_path, capsys, repo, monkeypatch):
             assert f["characters"][0] not in f["referential_caption"]
         else:
             assert "they" in words or "their" in words
+
+
+def _flintstones_story(root):
+    """A FlintstonesSV-format dir (the corpora's) whose test story names Fred and Wilma, then each alone."""
+    import json as _json
+
+    from corpora import FLINT_IDS, flintstones
+
+    flintstones(root)
+    annotations = _json.loads((root / "flintstones_annotations_v1-0.json").read_text())
+    story = {fid: i for i, fid in enumerate(FLINT_IDS[2])}
+    frames = [("Fred and Wilma walk in the quarry.", ["fred", "wilma"]), ("Fred sits down.", ["fred"]),
+              ("Wilma waves.", ["wilma"]), ("Fred and Wilma eat.", ["fred", "wilma"]), ("Fred runs.", ["fred"])]
+    for ann in annotations:
+        if ann["globalID"] in story:
+            caption, names = frames[story[ann["globalID"]]]
+            ann["description"] = caption
+            ann["characters"] = [{"entityLabel": n, "rectangle": [0, 0, 64, 64]} for n in names]
+    (root / "flintstones_annotations_v1-0.json").write_text(_json.dumps(annotations))
+    return root
+
+
+def test_data_show_takes_the_character_table_from_the_format(tmp_path, capsys, repo, monkeypatch):
+    """The first command on a download: only --format and --root (the default preset is the world's)."""
+    root = _flintstones_story(tmp_path / "flintstones")
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "show", "--format", "flintstones", "--root", str(root), "--split", "test",
+                 "--referential", "--json"]) == 0
+    out = capsys.readouterr()
+    [story] = [json.loads(line) for line in out.out.splitlines()]
+    assert [f["characters"] for f in story["frames"]] == [["Fred", "Wilma"], ["Fred"], ["Wilma"], ["Fred", "Wilma"],
+                                                          ["Fred"]]
+    assert [f["referential_caption"] for f in story["frames"][1:3]] == ["He sits down.", "She waves."]
+    assert json.loads(out.err)["report"]["dataset"] == "flintstones"
+    # told the wrong table, the read stops naming --dataset instead of dropping every name
+    assert main(["data", "show", "--format", "flintstones", "--root", str(root), "--split", "test",
+                 "--dataset", "world"]) == 2
+    err = capsys.readouterr().err
+    assert "7 of 7 character labels are not world characters (fred, wilma" in err and "--dataset" in err
+
+
+def test_missing_tiny_inputs_say_the_command_that_builds_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh clone's state: no world, no zoo
+    assert main(["data", "show"]) == 2
+    assert "render the story world: storygpt world --config tiny --set work_dir=work_dirs/tiny" in capsys.readouterr().err
+    assert main(["world", "--stories", "4"]) == 0
+    capsys.readouterr()
+    assert main(["preprocess"]) == 2
+    err = capsys.readouterr().err
+    assert "models.clip_text: expected an existing directory" in err
+    assert "build the tiny zoo: storygpt zoo --config tiny --set work_dir=work_dirs/tiny" in err
 
 
 def test_data_show_limit_and_human_format(world_dir, capsys, repo, monkeypatch):
@@ -105,8 +157,26 @@ def test_generate_writes_frames_grid_and_json_and_continues(tiny_work, tmp_path,
     assert [f["written"] for f in story["frames"]] == [False, False, True]
     assert [f["caption"] for f in story["frames"][:2]] == ["Emma waves hello.", "Later, she sits down."]
     grid = np.asarray(Image.open(out / "story.png"))
-    size = cfg.char_ldm.resolution
-    assert grid.shape == (size, 3 * size, 3)
+    frame = np.asarray(Image.open(out / "frame_00.png"))
+    scale = -(-192 // cfg.char_ldm.resolution)  # upscaled to >= 192 px by a whole factor, pixels kept
+    assert np.array_equal(grid[8:8 + frame.shape[0] * scale, 8:8 + frame.shape[1] * scale],
+                          frame.repeat(scale, 0).repeat(scale, 1))
     assert all((out / f"frame_{i:02d}.png").is_file() for i in range(3))
     assert main(["generate", *overrides, "--out", str(out)]) == 2  # no caption: an error naming --caption
     assert "--caption" in capsys.readouterr().err
+
+
+def test_story_grid_upscales_frames_and_writes_each_caption_under_its_frame():
+    from storygpt.story_grid import story_grid
+
+    frames = [np.full((32, 32, 3), c, np.uint8) for c in (50, 120, 200)]
+    captions = ["Emma waves hello in the forest.", "", "Later, they are eating lunch in the forest with Bruno."]
+    grid = np.asarray(story_grid(frames, captions))
+    assert grid.shape[1] == 8 + 3 * (192 + 8) and grid.shape[0] > 8 + 192 + 8
+    for i, frame in enumerate(frames):
+        x = 8 + i * 200
+        assert (grid[8:200, x:x + 192] == frame[0, 0]).all()  # 32 px -> 192 px, whole
+        text = grid[208:, x:x + 192]
+        assert (text.min() < 128) == bool(captions[i])  # dark caption pixels exactly under captioned frames
+    with pytest.raises(ValueError, match="3 frames but 2 captions"):
+        story_grid(frames, captions[:2])

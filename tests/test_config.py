@@ -90,7 +90,7 @@ def test_override_syntax_errors(presets):
 
 
 def test_missing_file_and_extends_cycle(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="--config: no preset file .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
@@ -124,5 +124,6 @@ def test_resolved_paths_are_absolute_and_pick_the_zero_stage(presets, tmp_path, 
     cfg = load_config(presets / "tiny.yaml", ["work_dir=wd", "train.zero_stage=3"]).resolved()
     assert cfg.work_dir == str(tmp_path / "wd")
     assert cfg.models.unet == str(tmp_path / "wd" / "zoo" / "unet")
-    assert cfg.train.deepspeed_config == str(tmp_path / "configs" / "deepspeed" / "zero3.json")
+    # not in the cwd: the bundled JSON (before, a path under tmp_path that did not exist)
+    assert cfg.train.deepspeed_config == str((presets / "deepspeed" / "zero3.json").resolve())
     assert cfg.preprocess.output == str(tmp_path / "wd" / "records")

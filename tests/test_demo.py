@@ -18,6 +18,10 @@ def test_demo_runs_the_whole_pipeline_and_says_what_it_did(tmp_path, repo):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[11/11] serve, and draw a story over HTTP (Ray Serve)" in out.stdout and "demo finished" in out.stdout
+    lines = out.stdout.splitlines()
+    assert len(lines) <= 80, out.stdout  # the eleven steps and their results fit two 40-line screens
+    assert not [line for line in lines if "Running Dataset" in line or "INFO" in line or "it/s]" in line], out.stdout
+    assert "serve it: storygpt serve --model-uri models:/storygpt-tiny-aligner/1 --tracking-uri sqlite:///" in out.stdout
     tables = list((work / "evaluation").glob("*/table.md"))
     assert len(tables) == 1 and "| StoryGPT-V | referential |" in tables[0].read_text()
     assert tables[0].read_text().splitlines()[0] in out.stdout  # the table is printed too
@@ -26,7 +30,8 @@ def test_demo_runs_the_whole_pipeline_and_says_what_it_did(tmp_path, repo):
     assert "(Char-LDM, exact detector: Char-Acc" in out.stdout  # the closing verdict, from the scores
     from PIL import Image
 
-    assert Image.open(grid).size == (4 * 32, 32)  # four frames at the tiny resolution
+    width, height = Image.open(grid).size  # four 32 px frames upscaled to 192 px, captions under them
+    assert width == 8 + 4 * (192 + 8) and height > 8 + 192 + 8
     assert len(list((work / "char_ldm").iterdir())) == len(list((work / "aligner").iterdir())) == 1
     assert (work / "mlflow.db").is_file()
     summary = json.loads((work / "dataset_summary.json").read_text())
@@ -51,3 +56,6 @@ def test_demo_verdict_says_learned_only_when_both_scores_reach_twice_chance():
     settings_missed = _verdict({"char_ldm/original": {"det_char_acc": 0.55, "det_bg_acc": 0.15},
                                 "most_frequent": chance})
     assert "prove the pipeline, not the method" in settings_missed
+    nothing = _verdict({"char_ldm/original": {"det_char_acc": 0.0, "det_bg_acc": 0.0},
+                        "most_frequent": {"char_acc": 0.0, "bg_acc": 0.0}})
+    assert "prove the pipeline, not the method" in nothing  # 0 % is not twice a chance of 0 %

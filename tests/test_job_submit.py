@@ -3,10 +3,11 @@
 A head of its own (job server on 127.0.0.1, its own temp dir and token, every port it opens
 chosen free here, 2 CPUs) runs as `ray start --head --block`, stopped by its PID at the end.
 The tests never `ray.init`: they reach that cluster only through the job CLI (and the job
-server's HTTP API to see it is up), from the repo root, exactly as a user does. The working
-dir goes up without `.venv`, `work_dirs` or `.git` (`.gitignore` and Ray's default excludes);
-`preprocess` then `train-ldm` run on the tiny preset, and a job with a bad config must fail
-naming the field.
+server's HTTP API to see it is up), from a copy of what a fresh clone holds (plus a `weights/` and
+a `data/` dir, as a user's checkout has), exactly as a user does. The working dir goes up without
+`.venv`, `work_dirs`, `.git`, `weights/` or `data/` (`.gitignore`, `.rayignore` and Ray's default
+excludes); `preprocess` then `train-ldm` run on the tiny preset named by name (`--config tiny`),
+and a job with a bad config must fail naming the field.
 """
 
 from __future__ import annotations
@@ -104,14 +105,15 @@ def _clean_env(token_file: Path) -> dict[str, str]:
 class Head:
     def __init__(self, address: str, gcs_port: int, env: dict, proc: subprocess.Popen, log: Path, temp: str):
         self.address, self.gcs_port, self.env, self.proc, self.log, self.temp = address, gcs_port, env, proc, log, temp
+        self.clone = REPO  # where the job CLI runs: set to a fresh clone by the `head` fixture
 
     def joined(self, out: str) -> bool:
         """The job's driver joined this cluster (its `ray.init()`), not a Ray of its own."""
         return re.search(rf"Connecting to existing Ray cluster at address: [\w.]+:{self.gcs_port}\b", out) is not None
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """`ray job ...` against this head only, from the repo root."""
-        return subprocess.run([RAY, "job", *args, "--address", self.address], cwd=REPO, env=self.env,
+        """`ray job ...` against this head only, from the fresh clone."""
+        return subprocess.run([RAY, "job", *args, "--address", self.address], cwd=self.clone, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
     def submit(self, *command: str) -> tuple[subprocess.CompletedProcess, str]:
@@ -119,7 +121,7 @@ class Head:
         argv = [RAY, "job", "submit", "--address", self.address, "--working-dir", ".", "--",
                 "python", "-m", "storygpt.cli", *command]
         started = time.monotonic()
-        done = subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True,
+        done = subprocess.run(argv, cwd=self.clone, env=self.env, capture_output=True, text=True,
                               timeout=JOB_TIMEOUT_S)
         print(f"\n$ {shlex.join(argv[1:])}\n  -> exit {done.returncode} in {time.monotonic() - started:.1f}s")
         out = done.stdout + done.stderr
@@ -212,15 +214,15 @@ def _stop(proc: subprocess.Popen) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def _package_bytes() -> int:
-    """The size of the zip `ray job submit --working-dir .` makes of the repo now (Ray's own
-    packaging function, with .gitignore and Ray's default excludes, as the CLI calls it)."""
+def _package_bytes(root: Path) -> int:
+    """The size of the zip `ray job submit --working-dir .` makes of ``root`` (Ray's own
+    packaging function, with .gitignore, .rayignore and Ray's default excludes, as the CLI calls it)."""
     from ray._private.ray_constants import get_runtime_env_default_excludes
     from ray._private.runtime_env.packaging import create_package
 
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "pkg.zip"
-        create_package(str(REPO), target, include_gitignore=True, excludes=get_runtime_env_default_excludes())
+        create_package(str(root), target, include_gitignore=True, excludes=get_runtime_env_default_excludes())
         return target.stat().st_size
 
 
@@ -266,9 +268,22 @@ def job_work(tiny_work, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def head(_head_process, job_work):
+def clone(tmp_path_factory) -> Path:
+    """What a fresh clone holds, plus the weights and data a user keeps in the checkout."""
+    from test_packaging import checkout_copy
+
+    root = checkout_copy(tmp_path_factory.mktemp("clone"))
+    for big in ("weights/stable-diffusion-v1-5/unet/model.safetensors", "data/flintstones/frames.npy"):
+        (root / big).parent.mkdir(parents=True)
+        (root / big).write_bytes(os.urandom(2**20))
+    return root
+
+
+@pytest.fixture(scope="module")
+def head(_head_process, job_work, clone):
     """The head, once its job server answers (it starts while `job_work` builds the tiny zoo)."""
     _wait_for_job_server(_head_process)
+    _head_process.clone = clone
     return _head_process
 
 
@@ -279,7 +294,7 @@ SMALL_RUN = ["--set", "char_ldm.max_steps=4", "--set", "train.checkpoint_every=2
 # ----------------------------------------------------------------------------- the tests
 def test_preprocess_then_train_ldm_as_submitted_jobs(head, job_work):
     # preprocess: the README's "On a cluster" line with the tiny preset
-    done, job_id = head.submit("preprocess", "--config", "configs/tiny.yaml", "--set", f"work_dir={job_work}")
+    done, job_id = head.submit("preprocess", "--config", "tiny", "--set", f"work_dir={job_work}")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-8000:]
     assert head.status(job_id) == "SUCCEEDED"
@@ -290,11 +305,11 @@ def test_preprocess_then_train_ldm_as_submitted_jobs(head, job_work):
     assert uploaded, out[-8000:]
     unpacked = Path(head.temp) / "session_latest" / "runtime_resources" / "working_dir_files" / uploaded.group(1)
     assert (unpacked / "storygpt" / "cli.py").is_file() and (unpacked / "configs" / "tiny.yaml").is_file()
-    for ignored in (".venv", "work_dirs", ".git", ".pytest_cache"):
+    for ignored in (".venv", "work_dirs", ".git", ".pytest_cache", "weights", "data"):
         assert not (unpacked / ignored).exists(), f"{ignored} was uploaded with the working dir"
     files = [p for p in unpacked.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     size = sum(p.stat().st_size for p in files)
-    zipped = _package_bytes()
+    zipped = _package_bytes(head.clone)
     print(f"\nworking dir as uploaded: {len(files)} files, {size / 2**20:.2f} MiB unpacked; "
           f"package {zipped / 2**20:.2f} MiB zipped")
     assert size < 10 * 2**20 and zipped < 5 * 2**20
@@ -308,8 +323,7 @@ def test_preprocess_then_train_ldm_as_submitted_jobs(head, job_work):
     assert list((job_work / "records" / "records").glob("*.parquet"))
 
     # stage 1: train-ldm, 2 workers x 0.5 CPU (the tiny default), a few steps
-    done, job_id = head.submit("train-ldm", "--config", "configs/tiny.yaml", "--set", f"work_dir={job_work}",
-                               *SMALL_RUN)
+    done, job_id = head.submit("train-ldm", "--config", "tiny", "--set", f"work_dir={job_work}", *SMALL_RUN)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-8000:]
     assert head.status(job_id) == "SUCCEEDED"
@@ -328,7 +342,7 @@ def test_preprocess_then_train_ldm_as_submitted_jobs(head, job_work):
 
 
 def test_a_bad_config_fails_the_job_naming_the_field(head, job_work):
-    done, job_id = head.submit("train-ldm", "--config", "configs/tiny.yaml", "--set", f"work_dir={job_work}",
+    done, job_id = head.submit("train-ldm", "--config", "tiny", "--set", f"work_dir={job_work}",
                                "--set", "char_ldm.batch_size=0")
     out = done.stdout + done.stderr
     assert done.returncode != 0, out[-8000:]

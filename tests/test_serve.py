@@ -334,7 +334,8 @@ def test_serve_config_yaml_and_app_builder(repo, server):
     schema = ServeDeploySchema.model_validate(yaml.safe_load((repo / "serving" / "serve_config.yaml").read_text()))
     app = schema.applications[0]
     assert app.import_path == "serving.app:app_builder" and schema.http_options.host == "127.0.0.1"
-    overrides = [f"work_dir={cfg.work_dir}"] + [f"models.{k}={v}" for k, v in cfg.models.model_dump().items() if v]
+    overrides = [f"work_dir={cfg.work_dir}"] + [f"models.{k}={v}" for k, v in cfg.models.model_dump().items()
+                                               if v and k != "sources"]
     assert isinstance(app_builder({**app.args, "config": "configs/tiny.yaml", "overrides": overrides}), Application)
     with pytest.raises(ConfigError, match="unknown args"):
         app_builder({"config": "configs/tiny.yaml", "port": 1})

@@ -71,4 +71,12 @@ def test_two_workers_train_the_aligner_under_zero_and_track_in_mlflow(ray_local,
     trained = StoryAligner.from_config(cfg, exported)
     assert all(torch.equal(a, b) for a, b in zip(pretrained.lm.state_dict().values(), trained.lm.state_dict().values()))
     assert not torch.equal(pretrained.img_embeddings, trained.img_embeddings)
-    assert client.search_model_versions(f"name='{cfg.mlflow.experiment}-aligner'")
+    [version] = client.search_model_versions(f"name='{cfg.mlflow.experiment}-aligner'")
+    # a story model: this aligner + the Char-LDM its targets came from (not registered here, so
+    # logged into the aligner's run), resolved back to both export dirs
+    from storygpt.registry import resolve
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    story = resolve(f"models:/{cfg.mlflow.experiment}-aligner/{version.version}")
+    assert story.aligner is not None and (story.aligner / "model.safetensors").is_file()
+    assert (story.char_ldm / "fuser").is_dir() and story.cfg.aligner == cfg.aligner

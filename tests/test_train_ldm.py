@@ -52,12 +52,15 @@ def test_two_workers_train_under_zero_and_track_in_mlflow(ray_local, records, ti
         assert len(client.get_metric_history(run.info.run_id, key)) == 8
     values = [m.value for m in losses]
     assert sum(values[-3:]) < sum(values[:3])  # loss falls
-    assert {"samples", "attention", "char_ldm"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples", "attention", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == [
         "samples/step_0000008.png", "samples/step_0000016.png"]
     exported = Path(cfg.work_dir) / "char_ldm" / summary["run"]
     assert (exported / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert client.search_model_versions(f"name='{cfg.mlflow.experiment}-char-ldm'")
+    assert "license: apache-2.0" in (exported / "README.md").read_text()  # the model card
+    [version] = client.search_model_versions(f"name='{cfg.mlflow.experiment}-char-ldm'")
+    assert version.run_id == run.info.run_id and version.tags["storygpt.export"] == str(exported)
+    assert run.data.tags["storygpt.source_digest"] and any(k.startswith("system/") for k in run.data.metrics)
 
 
 def _last_json(stdout: str) -> dict:

@@ -1,4 +1,9 @@
-"""storygpt data show --format F --root DIR [--referential] [--split S] [--limit K] [--long N] [--json]"""
+"""storygpt data show --format F --root DIR [--dataset D] [--referential] [--split S] [--limit K] [--long N] [--json]
+
+The character table (names, genders for the pronouns) is ``--dataset``; else, when ``--format``
+is given, the table of that layout's own release (flintstones, storygptv: Flintstones; pororo:
+Pororo); else the preset's ``data.dataset``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 import sys
 
 from storygpt.commands import add_config_arguments
-from storygpt.config import load_config
+from storygpt.config import DATASET_OF_FORMAT, load_config
 from storygpt.data.characters import get_table
 from storygpt.data.readers import ReadOptions, read_long_stories, read_stories
 
@@ -17,7 +22,8 @@ def add_arguments(p) -> None:
     add_config_arguments(show)
     show.add_argument("--format", choices=["flintstones", "storygptv", "pororo"], help="default: data.format")
     show.add_argument("--root", help="dataset dir (default: data.root)")
-    show.add_argument("--dataset", choices=["world", "flintstones", "pororo"], help="character table (default: data.dataset)")
+    show.add_argument("--dataset", choices=["world", "flintstones", "pororo"],
+                      help="character table (default: the --format's own dataset, else data.dataset)")
     show.add_argument("--split", choices=["train", "val", "test"], help="default: data.split")
     show.add_argument("--limit", type=int, help="at most this many stories")
     show.add_argument("--long", type=int, metavar="N",
@@ -29,8 +35,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    root = args.root or cfg.path(cfg.data.root)
-    table = get_table(args.dataset or cfg.data.dataset)
+    root = args.root or cfg.dataset_root()
+    table = get_table(args.dataset or (DATASET_OF_FORMAT[args.format] if args.format else cfg.data.dataset))
     options = ReadOptions(
         split=args.split or cfg.data.split,
         frames_per_story=cfg.data.frames_per_story,

@@ -2,7 +2,7 @@
 
 Draws a story with the trained aligner and Char-LDM (no Ray): frame i from every earlier frame
 and caption (the LM's KV cache is kept across frames). Writes ``frame_NN.png`` as each frame is
-drawn, then ``story.png`` (the grid) and ``story.json`` (captions, which were written by the LM).
+drawn, then ``story.png`` (the frames upscaled, each caption under its frame) and ``story.json`` (captions, which were written by the LM).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from PIL import Image
 
 from storygpt.commands import add_config_arguments
 from storygpt.config import ConfigError, load_config
+from storygpt.story_grid import story_grid
 
 
 def add_arguments(p) -> None:
@@ -49,8 +50,8 @@ def run(args) -> int:
         frames.append({"index": frame.index, "caption": frame.caption, "written": frame.written, "image": path.name})
         print(f"frame {frame.index}: {path}  ({'written by the LM: ' if frame.written else ''}{frame.caption!r})",
               flush=True)
-    grid = np.concatenate([np.asarray(Image.open(out / f["image"]).convert("RGB")) for f in frames], axis=1)
-    Image.fromarray(grid).save(out / "story.png")
+    images = [np.asarray(Image.open(out / f["image"]).convert("RGB")) for f in frames]
+    story_grid(images, [f["caption"] for f in frames]).save(out / "story.png")  # upscaled, captioned
     summary = {"frames": frames, "grid": "story.png", "seed": args.seed, "seconds": round(time.perf_counter() - started, 2)}
     (out / "story.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({"out": str(out), "grid": str(out / "story.png"), "frames": len(frames)}))

@@ -27,12 +27,12 @@ def build_zoo_quietly(cfg, out) -> dict:
 
 def add_arguments(p) -> None:
     add_config_arguments(p)
-    p.add_argument("--preset", help="shorthand for --config configs/PRESET.yaml")
+    p.add_argument("--preset", help="the same as --config PRESET")
     p.add_argument("--out", help="model dir (default: {work_dir}/zoo)")
 
 
 def run(args) -> int:
-    config = f"configs/{args.preset}.yaml" if args.preset else args.config
+    config = args.preset or args.config
     cfg = load_config(config, args.overrides)
     if cfg.zoo is None:
         raise ConfigError(f"zoo: preset '{cfg.preset}' has no tiny model sizes (only tiny presets build a zoo)")

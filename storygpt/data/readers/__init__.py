@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from storygpt.data.characters import CharacterTable
+from storygpt.data.errors import DatasetError
 from storygpt.data.records import ReadReport, Story
 from storygpt.data.referential import referential_story
 from storygpt.data.runs import Position, consecutive_runs
@@ -35,6 +36,7 @@ def read_stories(
     if fmt not in readers:
         raise ValueError(f"format: expected one of {sorted(readers)}, got {fmt!r}")
     stories, report = readers[fmt](Path(root), table, options)
+    _check_table(root, stories, report, table)
     if referential:
         for story in stories:
             _fill_referential(story, table, options.referential_rule)
@@ -71,3 +73,19 @@ def _fill_referential(story: Story, table: CharacterTable, rule: str) -> None:
     captions = referential_story([f.caption for f in story.frames], [f.characters for f in story.frames], table, rule)
     for frame, text in zip(story.frames, captions):
         frame.referential_caption = text
+
+
+# Fewer unknown labels than this never fail the read: a handful of extras ("woman") is normal.
+MIN_UNKNOWN_FOR_WRONG_TABLE = 5
+
+
+def _check_table(root, stories: list[Story], report: ReadReport, table: CharacterTable) -> None:
+    """Most annotation labels unknown means the wrong character table, not a dataset of extras:
+    every name would be dropped and no pronoun written. Stop, naming the setting to change."""
+    known = sum(len(f.characters) for s in stories for f in s.frames)
+    unknown = sum(report.unknown_characters.values())
+    if unknown >= MIN_UNKNOWN_FOR_WRONG_TABLE and unknown > known:
+        common = sorted(report.unknown_characters, key=report.unknown_characters.get, reverse=True)[:5]
+        raise DatasetError(str(root), None, f"{unknown} of {known + unknown} character labels are not "
+                           f"{table.dataset} characters ({', '.join(common)}, ...): the wrong character table? "
+                           f"Set the dataset's own with --dataset (data.dataset: world, flintstones or pororo)")
