@@ -174,7 +174,7 @@ class MaskStageConfig(Section):
 
 
 class PreprocessConfig(Section):
-    """Frames -> records at ``char_ldm.resolution`` (DESIGN §4)."""
+    """Frames -> records at ``char_ldm.resolution``."""
 
     splits: list[Literal["train", "val", "test"]] = Field(min_length=1)
     output: str = Field(description="records dir; '{work_dir}' is substituted")

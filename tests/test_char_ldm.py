@@ -188,7 +188,7 @@ def test_lreg_gradient_reaches_the_supervised_cross_attention_only(model, batch)
 
 # ----------------------------------------------------------------------------- data
 def test_collate_shapes_masks_and_noised_character_crops(model, records, cfg):
-    rows = records[:3]
+    rows = [r for r in records if r["characters"]][:3]  # frames that show someone (the world has empty ones)
     out = collate(rows, model, cfg.char_ldm, torch.Generator().manual_seed(0))
     k, r = cfg.char_ldm.max_characters, cfg.char_ldm.resolution
     pixels = out["pixel_values"]

@@ -67,7 +67,7 @@ def test_data_show_takes_the_character_table_from_the_format(tmp_path, capsys, r
     root = _flintstones_story(tmp_path / "flintstones")
     monkeypatch.chdir(tmp_path)
     assert main(["data", "show", "--format", "flintstones", "--root", str(root), "--split", "test",
-                 "--referential", "--json"]) == 0
+                 "--referential", "--json", "--set", "data.referential_rule=subset"]) == 0
     out = capsys.readouterr()
     [story] = [json.loads(line) for line in out.out.splitlines()]
     assert [f["characters"] for f in story["frames"]] == [["Fred", "Wilma"], ["Fred"], ["Wilma"], ["Fred", "Wilma"],

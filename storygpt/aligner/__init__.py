@@ -1,4 +1,4 @@
-"""Stage 2, the aligner (paper §3.3, DESIGN §2): a frozen LLM reads the interleaved story and
+"""Stage 2, the aligner (paper §3.3): a frozen LLM reads the interleaved story and
 writes R [IMG] tokens, which a mapper turns into the Char-LDM's conditioning.
 
 sequence.py    the interleaved layout (I_1, S_1, …, S_n, [IMG_1..R]) of eq. 5, as plain tensors

@@ -1,4 +1,4 @@
-"""Stage 1, the character-aware LDM (paper §3.2, DESIGN §2).
+"""Stage 1, the character-aware LDM (paper §3.2).
 
 fuser.py      name token + character image → fused token (eq. 1)
 encoders.py   CLIP text/vision, the unconditional / text-only / fused conditioning

@@ -1,4 +1,4 @@
-"""The preprocessed record schema (DESIGN §4) as Arrow/Parquet, and how to read it back.
+"""The preprocessed record schema as Arrow/Parquet, and how to read it back.
 
 One row per frame at the training resolution: ids, split, both captions, characters with
 their boxes, name token spans and masks, setting, and the image as PNG. Errors go to a second

@@ -1,4 +1,4 @@
-"""The one record type every reader yields and every stage reads (DESIGN §4).
+"""The one record type every reader yields and every stage reads.
 
 Boxes are ``(x0, y0, x1, y1)`` in pixels of the frame as stored (128 px for the raw datasets).
 Images and masks are not loaded by the readers: a frame carries *where* they are

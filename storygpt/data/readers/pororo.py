@@ -1,4 +1,4 @@
-"""PororoSV (DESIGN §3), as StoryGAN / StoryDALL-E read it.
+"""PororoSV, as StoryGAN / StoryDALL-E read it.
 
 ``img_cache4.npy`` lists frame paths (bytes, relative to the root); ``following_cache4.npy``
 the 4 paths after each; ``train_seen_unseen_ids.npy`` holds (train, val, test) index arrays into

@@ -1,4 +1,4 @@
-"""The StoryGPT-V preprocessed layout (what the official stage-1 loader reads; DESIGN §3).
+"""The StoryGPT-V preprocessed layout (what the official stage-1 loader reads).
 
 ``split.json``, ``following_cache3.pkl`` (4-frame stories), ``cleaned_annotations.json``
 (id -> ``caption``/``captions``, ``tokens``, ``segments``), ``video_frames_sampled_4x/{id}.npy``

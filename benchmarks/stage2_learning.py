@@ -1,0 +1,238 @@
+"""Does stage 2 earn its place on the story world? The preset's aligner (``storygpt.aligner``) in a
+plain in-process loop over a trained Char-LDM, then the test stories drawn four ways and scored by
+the world's exact detector:
+
+* Char-LDM on named captions (the ceiling) and on referential captions (the baseline);
+* StoryGPT-V on named captions (its gap to the Char-LDM's named row is the mapper's) and on
+  referential captions (the method): the story loop draws frame k from the LM's [IMG] states
+  given every earlier *generated* frame, batched over the stories.
+
+While training it logs the aligner's reference accuracy on held-out pronoun and named frames and
+the cosine between its conditioning and the fused target. This is not the Ray job
+(``storygpt train-aligner``): it answers "does this recipe resolve references, and do its frames
+show it" in minutes, without Ray, DeepSpeed or MLflow. The model, batches, losses and story
+layout are the job's.
+
+``python -m benchmarks.stage2_learning --work DIR --char-ldm EXPORT [--config configs/world.yaml]
+[--steps N] [--set key=value ...]``; ``DIR`` holds the world and the zoo (``benchmarks.world_learning``
+makes both). Last line: one JSON object with the curve and the four rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 50  # frames per sampling call
+
+
+def targets_by_split(cfg, char_ldm: Path) -> tuple[dict[str, list[dict]], dict[str, list[dict]], object]:
+    """(records, stage-2 target rows) per split, computed in-process as ``storygpt precompute`` does."""
+    from storygpt.char_ldm.targets import StageTwoTargets
+    from storygpt.data.prepare import records_in_process
+
+    records = {split: records_in_process(cfg, split) for split in ("train", "val", "test")}
+    encoder = StageTwoTargets(cfg, char_ldm)
+    targets = {split: [{**t, "setting": r["setting"]} for i in range(0, len(rows), 64)
+                       for t, r in zip(encoder(rows[i:i + 64]), rows[i:i + 64])]
+               for split, rows in records.items()}
+    return records, targets, encoder
+
+
+def stories(rows: list[dict]) -> list[list[dict]]:
+    by_story = defaultdict(list)
+    for row in rows:
+        by_story[row["story_id"]].append(row)
+    return [sorted(by_story[s], key=lambda r: r["frame_index"]) for s in sorted(by_story)]
+
+
+class ReferenceProbe:
+    """Reference accuracy (``storygpt.aligner.metrics``) and the cosine to the fused target on
+    held-out examples, pronoun and named frames apart."""
+
+    def __init__(self, examples: list[dict], encoder, references: dict, table, limit: int):
+        import torch
+
+        from storygpt.aligner.metrics import candidate_casts
+
+        cast = sorted(references)
+        self.sets = {"pronoun": [e for e in examples if e["pronoun"]][:limit],
+                     "named": [e for e in examples if not e["pronoun"]][:limit]}
+        self.candidates = {}
+        for kind, chosen in self.sets.items():
+            self.candidates[kind] = []
+            for e in chosen:
+                casts = candidate_casts(e["caption"], list(e["characters"]), cast, table)
+                fused = encoder.encode_named([c for c, _ in casts], [n for _, n in casts], references, table)
+                self.candidates[kind].append(fused.float())
+        self.targets = {kind: torch.stack([torch.tensor(e["target"]).float() for e in chosen])
+                        for kind, chosen in self.sets.items() if chosen}
+
+    def __call__(self, aligner) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        from storygpt.aligner.data import collate
+        from storygpt.aligner.metrics import reference_accuracy
+
+        out = {}
+        aligner.eval()
+        with torch.no_grad():
+            for kind, chosen in self.sets.items():
+                if not chosen:
+                    continue
+                predicted = torch.cat([aligner(collate(chosen[i:i + 32], aligner))["conditioning"].float()
+                                       for i in range(0, len(chosen), 32)])
+                accuracy, chance = reference_accuracy(predicted, self.candidates[kind])
+                cosine = F.cosine_similarity(predicted.flatten(1), self.targets[kind].flatten(1)).mean().item()
+                out.update({f"reference_accuracy_{kind}": round(accuracy, 3), f"reference_chance_{kind}": round(chance, 3),
+                            f"cosine_{kind}": round(cosine, 4)})
+        aligner.train()
+        return out
+
+
+def train(cfg, examples: list[dict], probe: ReferenceProbe, steps: int, eval_every: int):
+    import numpy as np
+    import torch
+
+    from storygpt.aligner.data import collate
+    from storygpt.aligner.model import StoryAligner
+
+    torch.manual_seed(cfg.seed)
+    aligner = StoryAligner.from_config(cfg)
+    stage = cfg.aligner
+    optimizer = torch.optim.AdamW(aligner.trainable_parameters(), lr=stage.learning_rate,
+                                  weight_decay=stage.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    curve, start = [], time.perf_counter()
+    aligner.train()
+    for step in range(1, steps + 1):
+        out = aligner(collate([examples[i] for i in rng.choice(len(examples), stage.batch_size, replace=False)],
+                              aligner))
+        out["loss"].backward()
+        for group in optimizer.param_groups:
+            group["lr"] = stage.learning_rate * min(1.0, (step + 1) / max(stage.warmup_steps, 1))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % eval_every == 0 or step == steps:
+            point = {"step": step, "train_s": round(time.perf_counter() - start, 1),
+                     "gen_loss": round(out["gen_loss"].item(), 4), "align_loss": round(out["align_loss"].item(), 4),
+                     **probe(aligner)}
+            curve.append(point)
+            print(point, flush=True)
+    return aligner.eval(), curve
+
+
+def draw_and_score(cfg, char_ldm: Path, aligner, test: list[list[dict]], references: dict) -> dict:
+    """Det. Char-Acc / BG-Acc of the four rows on the test stories (frame k of story j: seed
+    ``cfg.seed + 1000 j + k``, as the evaluation seeds them), and Char-Acc on pronoun frames alone."""
+    import numpy as np
+    import torch
+
+    from storygpt.aligner.data import collate
+    from storygpt.char_ldm.pipeline import CharLDMPipeline
+    from storygpt.world.detector import detect
+
+    pipeline = CharLDMPipeline.from_config(cfg, char_ldm)
+    steps, guidance = cfg.evaluate.sample_steps, cfg.evaluate.guidance_scale
+    n = min(len(s) for s in test)
+    frames = [f for s in test for f in s[:n]]
+    seeds = [cfg.seed + 1000 * j + k for j in range(len(test)) for k in range(n)]
+    pronoun = np.array([f["referential_caption"] != f["caption"] for f in frames])
+
+    def score(images: list) -> dict:
+        found = [detect(im, tolerance=cfg.evaluate.detector_tolerance) for im in images]
+        cast = np.array([set(d.characters) == set(f["characters"]) for d, f in zip(found, frames)])
+        setting = np.array([d.setting == f["setting"] for d, f in zip(found, frames)])
+        return {"det_char_acc": round(float(cast.mean()), 4), "det_bg_acc": round(float(setting.mean()), 4),
+                "det_char_acc_pronoun_frames": round(float(cast[pronoun].mean()), 4) if pronoun.any() else None}
+
+    rows, names = {}, sorted(references)
+    for captions, field in (("original", "caption"), ("referential", "referential_caption")):
+        texts = [f[field] for f in frames]
+        images = []
+        for i in range(0, len(texts), BATCH):
+            conditioning = pipeline.encode(texts[i:i + BATCH], [names] * len(texts[i:i + BATCH]), references)
+            images += pipeline.sample(conditioning, seeds[i:i + BATCH], steps, guidance)
+        rows[f"char_ldm/{captions}"] = score(images)
+        # StoryGPT-V: frame k of every story at once, from the frames it drew before
+        features: list[list] = [[] for _ in test]
+        drawn: list[list] = [[] for _ in test]
+        for k in range(n):
+            examples = [{"id": s[k]["id"], "captions": [f[field] for f in s[:k + 1]], "frame_features": features[j],
+                         "target": s[k]["fused"]} for j, s in enumerate(test)]
+            with torch.no_grad():
+                conditioning = aligner(collate(examples, aligner))["conditioning"]
+            images = pipeline.sample(conditioning, [cfg.seed + 1000 * j + k for j in range(len(test))], steps, guidance)
+            for j, (image, feature) in enumerate(zip(images, aligner.frame_features(images))):
+                features[j] = features[j] + [feature.tolist()]
+                drawn[j].append(image)
+        rows[f"storygpt/{captions}"] = score([image for story in drawn for image in story])
+        print(captions, rows[f"char_ldm/{captions}"], rows[f"storygpt/{captions}"], flush=True)
+    rows["pronoun_share"] = round(float(pronoun.mean()), 4)
+    return rows
+
+
+def ratios(rows: dict) -> dict:
+    """The decomposition: StoryGPT-V referential against the Char-LDM's named row (the ceiling)
+    and its referential row (the baseline); the named-caption gap is the mapper's."""
+    acc = {row: figures["det_char_acc"] for row, figures in rows.items() if isinstance(figures, dict)}
+    safe = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
+    return {"storygpt_v_ratio": safe(acc["storygpt/referential"], acc["char_ldm/original"]),
+            "resolution_gain": safe(acc["storygpt/referential"], acc["char_ldm/referential"]),
+            "mapper_ratio": safe(acc["storygpt/original"], acc["char_ldm/original"])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "world.yaml"))
+    parser.add_argument("--work", required=True, help="work_dir: holds world/ and zoo/")
+    parser.add_argument("--char-ldm", required=True, help="a trained Char-LDM export")
+    parser.add_argument("--steps", type=int, help="default: aligner.max_steps")
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--eval-frames", type=int, default=100, help="held-out frames per kind for reference accuracy")
+    parser.add_argument("--test-stories", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save", help="write the trained aligner's new parts here")
+    parser.add_argument("--aligner", help="a trained aligner to score instead of training one")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import storygpt  # noqa: F401  (the torchvision shim, before diffusers/transformers)
+    from benchmarks.common import emit
+    from storygpt.aligner.data import story_examples
+    from storygpt.char_ldm.references import reference_crops
+    from storygpt.config import load_config
+    from storygpt.data.characters import get_table
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    cfg = load_config(args.config, [f"work_dir={args.work}", *args.set])
+    char_ldm = Path(args.char_ldm)
+    records, targets, encoder = targets_by_split(cfg, char_ldm)
+    examples = {split: [e for story in stories(rows) for e in story_examples(story)] for split, rows in targets.items()}
+    references = reference_crops(records["train"], cfg.seed)
+    probe = ReferenceProbe(examples["val"], encoder, references, get_table(cfg.data.dataset), args.eval_frames)
+    steps = args.steps or cfg.aligner.max_steps
+    if args.aligner:
+        from storygpt.aligner.model import StoryAligner
+
+        aligner, curve, steps = StoryAligner.from_config(cfg, args.aligner).eval(), [], 0
+        curve.append(probe(aligner))
+    else:
+        aligner, curve = train(cfg, examples["train"], probe, steps, args.eval_every)
+    if args.save:
+        aligner.save_trained(args.save)
+    rows = draw_and_score(cfg, char_ldm, aligner, stories(targets["test"])[:args.test_stories], references)
+    emit({"benchmark": "stage2_learning", "config": Path(args.config).name, "overrides": args.set, "steps": steps,
+          "gen_loss_weight": cfg.aligner.gen_loss_weight, "referential_rule": cfg.data.referential_rule,
+          "curve": curve, "rows": rows, **ratios(rows), "wall_s": round(time.perf_counter() - start, 1)})
+
+
+if __name__ == "__main__":
+    main()
