@@ -15,6 +15,7 @@ import base64
 import binascii
 import io
 import math
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,8 +107,11 @@ def _check_captions(captions: list[str], k: int, limits: ServeLimits) -> list[st
     out = []
     for i, caption in enumerate(captions):
         text = " ".join(caption.split())  # newlines would end a caption inside the LM's context
-        if not text:
-            raise RequestError(f"captions[{i}]", "empty caption")
+        if not "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip():
+            raise RequestError(f"captions[{i}]", "empty caption (nothing but spaces or zero-width characters)")
+        bad = next((ch for ch in text if unicodedata.category(ch) in ("Cc", "Cs")), None)
+        if bad is not None:  # NUL, terminal escapes, lone UTF-16 surrogates (not encodable as UTF-8)
+            raise RequestError(f"captions[{i}]", f"control or surrogate character U+{ord(bad):04X} is not allowed")
         if len(text) > limits.max_caption_chars:
             raise RequestError(f"captions[{i}]", f"at most {limits.max_caption_chars} characters, got {len(text)}")
         out.append(text)

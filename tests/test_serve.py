@@ -189,6 +189,10 @@ def _malformed_cases(limits) -> list[tuple[str, str, object, int, str]]:
         (S, "caption not a string", {"captions": ["ok", 3]}, 422, "captions[1]"),
         (S, "empty caption", {"captions": [""]}, 422, "captions[0]"),
         (S, "blank caption", {"captions": ["ok", "   \n "]}, 422, "captions[1]"),
+        (S, "lone surrogate", {"captions": ["\ud800 Emma waves"]}, 422, "captions[0]"),
+        (S, "NUL in a caption", {"captions": ["ok", "Emma\x00 waves"]}, 422, "captions[1]"),
+        (S, "terminal escape", {"captions": ["\x1b[31mEmma waves"]}, 422, "captions[0]"),
+        (S, "zero-width only", {"captions": ["\u200b\u200d"]}, 422, "captions[0]"),
         (S, "caption too long", {"captions": ["a" * (limits.max_caption_chars + 1)]}, 422, "captions[0]"),
         (S, "too many frames", {"captions": ["Emma waves."] * (limits.max_frames + 1)}, 422, "captions"),
         (S, "unknown field", {"captions": ["ok"], "prompt": "x"}, 422, "prompt"),
@@ -217,6 +221,7 @@ def _malformed_cases(limits) -> list[tuple[str, str, object, int, str]]:
         (S, "one character twice", {"captions": ["ok"], "reference_images": {"Emma": good, "emma": good}}, 422,
          "reference_images['emma']"),
         (T, "stream: empty captions", {"captions": []}, 422, "captions"),
+        (T, "stream: lone surrogate", {"captions": ["\udfff"]}, 422, "captions[0]"),
         (T, "stream: unknown character", {"captions": ["ok"], "reference_images": {"Zed": good}}, 422, "reference_images"),
         (C, "continue: k missing", {"captions": ["ok"]}, 422, "k"),
         (C, "continue: negative k", {"captions": ["ok"], "k": -1}, 422, "k"),
@@ -224,6 +229,7 @@ def _malformed_cases(limits) -> list[tuple[str, str, object, int, str]]:
         (C, "continue: too many frames with k", {"captions": ["ok"] * limits.max_frames, "k": 1}, 422, "k"),
         (C, "continue: references not accepted", {"captions": ["ok"], "k": 1, "reference_images": {}}, 422,
          "reference_images"),
+        (C, "continue: lone surrogate", {"captions": ["Emma \ud800"], "k": 1}, 422, "captions[0]"),
         (C, "continue: bad json", "{'captions': ['ok']}", 400, "body"),
     ]
 
