@@ -176,16 +176,6 @@ def draw_and_score(cfg, char_ldm: Path, aligner, test: list[list[dict]], referen
     return rows
 
 
-def ratios(rows: dict) -> dict:
-    """The decomposition: StoryGPT-V referential against the Char-LDM's named row (the ceiling)
-    and its referential row (the baseline); the named-caption gap is the mapper's."""
-    acc = {row: figures["det_char_acc"] for row, figures in rows.items() if isinstance(figures, dict)}
-    safe = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
-    return {"storygpt_v_ratio": safe(acc["storygpt/referential"], acc["char_ldm/original"]),
-            "resolution_gain": safe(acc["storygpt/referential"], acc["char_ldm/referential"]),
-            "mapper_ratio": safe(acc["storygpt/original"], acc["char_ldm/original"])}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "world.yaml"))
@@ -205,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import storygpt  # noqa: F401  (the torchvision shim, before diffusers/transformers)
     from benchmarks.common import emit
+    from storygpt.evaluation.report import decomposition
     from storygpt.aligner.data import story_examples
     from storygpt.char_ldm.references import reference_crops
     from storygpt.config import load_config
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = draw_and_score(cfg, char_ldm, aligner, stories(targets["test"])[:args.test_stories], references)
     emit({"benchmark": "stage2_learning", "config": Path(args.config).name, "overrides": args.set, "steps": steps,
           "gen_loss_weight": cfg.aligner.gen_loss_weight, "referential_rule": cfg.data.referential_rule,
-          "curve": curve, "rows": rows, **ratios(rows), "wall_s": round(time.perf_counter() - start, 1)})
+          "curve": curve, "rows": rows, **decomposition(rows), "wall_s": round(time.perf_counter() - start, 1)})
 
 
 if __name__ == "__main__":

@@ -158,7 +158,8 @@ def _brief(step: str, result: dict) -> str:
         return f"{r['targets']} targets"
     if step.startswith("train aligner"):
         return f"{r['steps']} steps, align loss {r['align_loss']}, reference accuracy " \
-               f"{r['reference_accuracy']} (chance {r['reference_chance']})"
+               f"{r['reference_accuracy']} (chance {r['reference_chance']}), cosine to the fused target " \
+               f"{r['conditioning_cosine']}"
     if step.startswith("evaluate"):
         return f"{r['stories']} test stories drawn and scored (table below)"
     if step.startswith("serve"):
@@ -273,7 +274,8 @@ def _train_aligner(cfg: StoryConfig, results: dict) -> dict:
     return {"run": summary["run"], "steps": summary["global_step"], "gen_loss": round(summary["gen_loss"], 3),
             "align_loss": round(summary["align_loss"], 4),
             "reference_accuracy": round(summary.get("reference_accuracy", float("nan")), 3),
-            "reference_chance": round(summary.get("reference_chance", float("nan")), 3), "export": str(export)}
+            "reference_chance": round(summary.get("reference_chance", float("nan")), 3),
+            "conditioning_cosine": round(summary.get("conditioning_cosine", float("nan")), 3), "export": str(export)}
 
 
 def _train_classifier(cfg: StoryConfig, results: dict) -> dict:

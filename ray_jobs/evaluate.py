@@ -51,7 +51,7 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
     from storygpt.data.characters import get_table
     from storygpt.data.readers import frame_position
     from storygpt.data.record_schema import read_table
-    from storygpt.evaluation.report import markdown, most_frequent, summarize
+    from storygpt.evaluation.report import decomposition, markdown, most_frequent, summarize
     from storygpt.evaluation.stories import FRAME_FIELDS, long_stories, split_stories
     from storygpt.models.trained import trained_dir
 
@@ -116,7 +116,7 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
         "long_story_frames": sorted(n for n in runs if n != story_frames), "long_stories_skipped": skipped,
         "char_ldm": str(char_ldm_dir), "aligner": str(aligner_dir) if aligner_dir else None,
         "results": results, "long_results": {r: {str(n): v for n, v in d.items()} for r, d in long_results.items()},
-        "referential_rule": cfg.data.referential_rule,
+        "referential_rule": cfg.data.referential_rule, "decomposition": decomposition(results),
         "seconds": round(time.perf_counter() - started, 1), "pipeline_s": round(pipeline_s, 1),
     }
     (output / "scores.json").write_text(json.dumps(summary, indent=1))
@@ -218,6 +218,9 @@ def _track(cfg: StoryConfig, output: Path, results: dict, long_results: dict) ->
                for k, v in figures.items()}
     metrics |= {f"long.{row.replace('/', '.')}.{n}.{k}": float(v) for row, d in long_results.items()
                 for n, figures in d.items() for k, v in figures.items()}
+    from storygpt.evaluation.report import decomposition
+
+    metrics |= {f"decomposition.{k}": v for k, v in decomposition(results).items() if v is not None}
     tracker.log(metrics, step=0)
     tracker.files([output / "table.md", output / "scores.json"], "evaluation")  # frames stay on disk
     tracker.end()

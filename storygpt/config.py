@@ -237,7 +237,8 @@ class AlignerConfig(Section):
     batch_size: int = Field(gt=0, description="global batch (all workers, before accumulation)")
     max_steps: int = Field(gt=0)
     mixed_precision: Literal["no", "bf16"]
-    log_every: int = Field(ge=1, description="steps between metric logs (and the reference-accuracy eval)")
+    log_every: int = Field(ge=1, description="steps between metric logs")
+    eval_every: int = Field(ge=1, description="steps between reference-accuracy evals (and at the last step)")
     eval_frames: int = Field(ge=1, description="held-out pronoun frames scored for reference accuracy")
     context_window: int | None = Field(
         default=None, ge=32, description="tokens the story loop keeps in the KV cache; null: the LM's context"

@@ -65,7 +65,8 @@ def tiny_work(tmp_path_factory) -> Path:
     build_zoo_quietly(cfg, work / "zoo")
     from storygpt.world.generate import generate_world
 
-    generate_world(work / "world", stories=10, seed=5, image_size=128, clip_frames=2,
+    # 20 stories: episodes of two, so the test split holds runs longer than one story (long stories)
+    generate_world(work / "world", stories=20, seed=5, image_size=128, clip_frames=2,
                    val_fraction=0.2, test_fraction=0.2)
     return work
 

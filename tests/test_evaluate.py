@@ -9,7 +9,7 @@ import pytest
 
 from storygpt.evaluation.metrics import caption_scores, frechet_distance
 from storygpt.evaluation.report import markdown
-from storygpt.evaluation.stories import long_stories, split_stories
+from storygpt.evaluation.stories import split_stories
 
 
 def _records(stories: int, frames: int, split: str = "test") -> pa.Table:
@@ -26,15 +26,6 @@ def test_split_stories_orders_frames_cuts_and_limits():
     assert [s[0]["story_id"] for s in stories] == ["s0", "s1"]
     assert [f["frame_index"] for f in stories[0]] == [0, 1, 2, 3]
     assert split_stories(table, "test", frames=6) == []  # no test story is that long
-
-
-def test_long_stories_chain_consecutive_stories_to_the_exact_length():
-    stories = split_stories(_records(5, 5), "test")
-    chained = long_stories(stories, 10, 3)
-    assert len(chained) == 2 and all(len(s) == 10 for s in chained)  # 25 frames hold two, not three
-    assert [f["id"] for f in chained[0]][4:6] == ["s0f4", "s1f0"]  # story 0 then story 1
-    assert [f["frame_index"] for f in chained[1]] == list(range(10))
-    assert len({f["story_id"] for f in chained[1]}) == 1
 
 
 def test_caption_scores_reward_the_right_caption():
@@ -123,7 +114,7 @@ def test_evaluate_job_draws_every_row_scores_it_and_writes_table_one(ray_local, 
     out = evaluate(cfg)
     assert json.loads((Path(out["output"]) / "scores.json").read_text())["results"] == out["results"]
     stories, frames = out["stories"], out["story_frames"]
-    assert stories == 1 and out["long_story_frames"] == [6]  # max_stories; the long run chains two
+    assert stories == 1 and out["long_story_frames"] == [6]  # max_stories; the long run spans two stories
     for row in cfg.evaluate.rows:  # every story of every row drawn, saved, scored
         saved = list((work / "evaluation").glob(f"*/frames/{row.replace('/', '-')}/{frames}/*.png"))
         assert len(saved) == stories * frames

@@ -55,7 +55,7 @@ def test_one_target_per_record_equal_to_the_in_process_encoding(setup):
     records = read_table(records_dir).to_pylist()
     table = read_targets(root / "fused")
     ids = table["id"].to_pylist()
-    assert len(ids) == len(set(ids)) == len(records) == manifest["counts"]["targets_out"] == 50
+    assert len(ids) == len(set(ids)) == len(records) == manifest["counts"]["targets_out"] == 100
     assert set(ids) == {r["id"] for r in records}
     info = read_target_info(root / "fused")
     assert info["char_ldm"] == manifest["char_ldm"] == str(char_ldm.resolve())

@@ -31,7 +31,7 @@ def targets(records, tiny_work, repo, tmp_path_factory):
 def _cfg(repo, tiny_work, work, targets, **values):
     settings = {f"models.{p}": tiny_work / "zoo" / ("opt" if p == "lm" else p) for p in PARTS}
     settings.update({"work_dir": work, "precompute.output": targets, "aligner.batch_size": 4,
-                     "aligner.warmup_steps": 2, "aligner.log_every": 2, "train.checkpoint_every": 4})
+                     "aligner.warmup_steps": 2, "aligner.log_every": 2, "aligner.eval_every": 4, "train.checkpoint_every": 4})
     settings.update({k.replace("__", "."): v for k, v in values.items()})
     return load_config(repo / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in settings.items()]).resolved()
 
@@ -55,12 +55,15 @@ def test_two_workers_train_the_aligner_under_zero_and_track_in_mlflow(ray_local,
     assert run.data.params["train.zero_stage"] == str(stage) and run.data.params["aligner.img_tokens"] == "8"
     history = {key: sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
                for key in ("loss", "gen_loss", "align_loss", "lr", "tokens_per_s", "reference_accuracy",
-                           "reference_chance")}
-    assert all([m.step for m in h] == list(range(2, 13, 2)) for h in history.values())  # each step once
+                           "reference_chance", "conditioning_cosine")}
+    evaluated = ("reference_accuracy", "reference_chance", "conditioning_cosine")
+    assert all([m.step for m in h] == list(range(2, 13, 2)) for k, h in history.items() if k not in evaluated)
+    assert all([m.step for m in history[k]] == [4, 8, 12] for k in evaluated)  # eval_every, each step once
     loss = [m.value for m in history["loss"]]
     assert sum(loss[-2:]) < sum(loss[:2])  # loss falls
     assert all(0 <= m.value <= 1 for m in history["reference_accuracy"])
     assert 0 < history["reference_chance"][0].value < 1
+    assert all(-1 <= m.value <= 1 for m in history["conditioning_cosine"])
 
     # the export holds only the new parts; loaded back, the LM is the pretrained one, bit for bit
     exported = Path(cfg.work_dir) / "aligner" / summary["run"]

@@ -84,6 +84,24 @@ def _cell(value: float | None, kind: str) -> str:
     return {"pct": f"{100 * value:.2f}", "fid": f"{value:.2f}", "dec": f"{value:.4f}"}[kind]
 
 
+def decomposition(results: dict[str, dict]) -> dict[str, float | None]:
+    """Where StoryGPT-V's referential score comes from, by the exact detector's Char-Acc (the
+    classifier's without one): ``storygpt_v_ratio`` = StoryGPT-V referential ÷ Char-LDM named
+    (the paper's 87.96 / 90.36 = 0.97), ``resolution_gain`` = StoryGPT-V referential ÷ Char-LDM
+    referential (what resolving the pronouns bought), ``mapper_ratio`` = StoryGPT-V named ÷
+    Char-LDM named (what the LM → mapper path loses when nothing needs resolving). None where a
+    row is missing or the divisor is 0."""
+    key = "det_char_acc" if "det_char_acc" in results.get("storygpt/referential", {}) else "char_acc"
+    acc = {row: figures.get(key) for row, figures in results.items() if isinstance(figures, dict)}
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(acc[a] / acc[b], 3) if acc.get(a) is not None and acc.get(b) else None
+
+    return {"storygpt_v_ratio": ratio("storygpt/referential", "char_ldm/original"),
+            "resolution_gain": ratio("storygpt/referential", "char_ldm/referential"),
+            "mapper_ratio": ratio("storygpt/original", "char_ldm/original")}
+
+
 def referential_verdict(results: dict[str, dict]) -> str | None:
     """One line saying which row drew referential captions better, StoryGPT-V or the Char-LDM
     alone, by the exact detector's Char-Acc (the classifier's where there is no detector), and
