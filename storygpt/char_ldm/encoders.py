@@ -34,11 +34,14 @@ def sample_conditioning(
 
 def train_last_vision_layers(vision: CLIPVisionModelWithProjection, layers: int) -> None:
     """Freeze the vision tower except its last ``layers`` encoder layers, the post-LayerNorm and
-    the projection (the official recipe trains 2 of ViT-L/14's 24)."""
+    the projection (the official recipe trains 2 of ViT-L/14's 24). ``layers = 0`` freezes the
+    whole tower, projection included: the paper's "freeze vis" ablation."""
     encoder = vision.vision_model.encoder.layers
     if layers > len(encoder):
         raise ValueError(f"trainable_vision_layers={layers}, but the vision tower has {len(encoder)} layers")
     vision.requires_grad_(False)
+    if layers == 0:
+        return
     trainable = [*encoder[len(encoder) - layers:], vision.vision_model.post_layernorm, vision.visual_projection]
     for module in trainable:
         module.requires_grad_(True)
