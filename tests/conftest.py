@@ -15,6 +15,25 @@ import storygpt  # noqa: E402,F401  (installs the torchvision shim before anythi
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_leaks_between_tests():
+    """``mlflow.set_tracking_uri`` also exports $MLFLOW_TRACKING_URI, which ``tracking_uri(cfg)``
+    prefers to the work dir's own sqlite: a test that set it would send every later test's runs
+    into its database. Restore both after each test."""
+    import sys
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # None: unset, env var included
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

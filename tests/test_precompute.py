@@ -62,7 +62,7 @@ def test_one_target_per_record_equal_to_the_in_process_encoding(setup):
     shape = manifest["shape"]
     assert shape == info["shape"] == {"tokens": 77, "dim": 64, "clip_dim": 64}
     fused, frames = target_arrays(table, shape)
-    assert fused.shape == (50, 77, 64) and frames.shape == (50, 64) and np.isfinite(fused).all()
+    assert fused.shape == (100, 77, 64) and frames.shape == (100, 64) and np.isfinite(fused).all()
     assert read_targets(root / "fused", split="val").num_rows == sum(r["split"] == "val" for r in records)
 
     by_id = {r["id"]: r for r in records}
@@ -152,7 +152,7 @@ def test_rerun_skips_finished_parts_and_redoes_unfinished_ones(setup, tmp_path):
     shutil.copytree(root / "fused", out)
     cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"output": str(out)})})
     again = precompute(cfg, char_ldm=char_ldm)
-    assert again["counts"]["computed"] == 0 and again["counts"]["already_done"] == 50
+    assert again["counts"]["computed"] == 0 and again["counts"]["already_done"] == 100
     markers = sorted((out / "done").glob("*.json"))
     assert len(markers) == first["counts"]["parts"] >= 2
     lost = json.loads(markers[0].read_text())["ids"]
@@ -162,11 +162,11 @@ def test_rerun_skips_finished_parts_and_redoes_unfinished_ones(setup, tmp_path):
     (out / "targets" / ".part-x.parquet.tmp").write_bytes(b"half")
     before = read_targets(root / "fused").sort_by("id")
     resumed = precompute(cfg, char_ldm=char_ldm)
-    assert resumed["counts"]["computed"] == len(lost) and resumed["counts"]["already_done"] == 50 - len(lost)
+    assert resumed["counts"]["computed"] == len(lost) and resumed["counts"]["already_done"] == 100 - len(lost)
     after = read_targets(out).sort_by("id")
     assert after["id"].to_pylist() == before["id"].to_pylist() and resumed["counts"]["duplicates"] == 0
     assert not list((out / "targets").glob(".*.tmp"))
-    assert ray.data.read_parquet(str(targets_table_dir(out))).count() == 50  # what train-aligner reads
+    assert ray.data.read_parquet(str(targets_table_dir(out))).count() == 100  # what train-aligner reads
     np.testing.assert_allclose(np.asarray(after["fused"].combine_chunks().flatten()),
                                np.asarray(before["fused"].combine_chunks().flatten()), atol=1e-5)
 

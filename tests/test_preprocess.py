@@ -35,7 +35,7 @@ def test_world_with_resize_and_box_backends(ray_local, tiny_work, repo, tmp_path
     cfg = _cfg(repo, tiny_work, f"preprocess.output={tmp_path}/rec", "preprocess.masks.prefer_dataset_masks=false")
     manifest, size = preprocess(cfg), cfg.char_ldm.resolution
     c = manifest["counts"]
-    assert c["frames_in"] == 50 and c["records_out"] == 50 and c["errors"] == 0
+    assert c["frames_in"] == 100 and c["records_out"] == 100 and c["errors"] == 0
     records = read_table(tmp_path / "rec").to_pylist()
     assert sorted(r["id"] for r in records) == sorted(set(r["id"] for r in records))
     assert {r["split"] for r in records} == {"train", "val", "test"}
@@ -61,7 +61,7 @@ def test_world_with_tiny_ldm_upscaler_and_sam(ray_local, tiny_work, repo, tmp_pa
                "preprocess.masks.prefer_dataset_masks=false")
     manifest, size = preprocess(cfg), cfg.char_ldm.resolution
     records = read_table(tmp_path / "rec").to_pylist()
-    assert len(records) == manifest["counts"]["records_out"] == 20
+    assert len(records) == manifest["counts"]["records_out"] == 40  # val + test: 8 of the 20 stories
     with_boxes = [r for r in records if any(b is not None for b in r["boxes"])]
     c = manifest["counts"]
     # One SAM image-encoder pass per frame with boxes, whatever the number of boxes.
@@ -140,6 +140,6 @@ def test_killed_run_resumes_without_duplicates(tiny_work, repo, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     ids = [r["id"] for r in read_table(out, columns=["id"]).to_pylist()]
-    assert len(ids) == len(set(ids)) == 50 == manifest["counts"]["records_out"]
+    assert len(ids) == len(set(ids)) == 100 == manifest["counts"]["records_out"]
     assert manifest["counts"]["frames_already_done"] >= 4 * done_before - 3
     assert "frames already done" in second.stdout

@@ -101,7 +101,8 @@ def test_storygptv_layout(tmp_path):
 
 def test_pororo_layout(tmp_path):
     root = pororo(tmp_path)
-    stories, report = read_stories("pororo", root, PORORO, ReadOptions(split="train", clip_frame=1))
+    stories, report = read_stories("pororo", root, PORORO, ReadOptions(split="train", clip_frame=1,
+                                                                        referential_rule="subset"))  # {Pororo, Loopy} -> {Loopy}
     assert len(stories) == 2 and not report.skipped
     frames = stories[0].frames
     assert frames[0].id == "Pororo_ENGLISH1_1/Pororo_ENGLISH1_1_ep0/0"

@@ -76,9 +76,16 @@ def registry(tiny_work, tmp_path_factory):
             os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
         else:
             os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = old
+    import mlflow
+
     from ray_jobs.tracking import tracking_uri
 
-    return cfg, tracking_uri(cfg)
+    uri = tracking_uri(cfg)
+    # Tracker's mlflow.set_tracking_uri exported $MLFLOW_TRACKING_URI: unset it, or every later
+    # test module's runs would land in this database (each test here names the URI it reads)
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return cfg, uri
 
 
 @pytest.mark.slow
@@ -86,6 +93,7 @@ def test_every_run_records_its_source_config_and_system_metrics(registry):
     import mlflow
 
     cfg, uri = registry
+    mlflow.set_tracking_uri(uri)  # for mlflow.artifacts below (conftest unsets it after the test)
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
     assert len(runs) == 2
