@@ -144,15 +144,25 @@ class MetricWindow:
         return metrics
 
 
-def micro_batches(shard, micro: int, field: str):
+SHUFFLE_BUFFER_ROWS = 256  # rows each worker mixes before cutting micro batches
+
+
+def micro_batches(shard, micro: int, field: str, seed: int):
     """This worker's shard as micro batches, epoch after epoch (``drop_last``: every rank takes the
-    same number of steps). A shard smaller than one micro batch yields nothing, and the training
-    loop would wait forever: that is refused, naming the config field that sets the batch."""
+    same number of steps), shuffled through a local buffer with a new seed each epoch: rows come
+    in story order (a story's frames, or its prefixes for stage 2, side by side), and unshuffled
+    micro batches held one story each, in the same order every epoch. A shard smaller than one
+    micro batch yields nothing, and the training loop would wait forever: that is refused,
+    naming the config field that sets the batch."""
+    epoch = 0
     while True:
         empty = True
-        for rows in shard.iter_batches(batch_size=micro, batch_format="pyarrow", drop_last=True):
+        for rows in shard.iter_batches(batch_size=micro, batch_format="pyarrow", drop_last=True,
+                                       local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, micro),
+                                       local_shuffle_seed=seed + epoch):
             empty = False
             yield rows
+        epoch += 1
         if empty:
             raise ConfigError(f"{field}: expected a batch the train split can fill: each worker needs {micro} "
                               f"rows per micro batch and its shard of the train split has fewer")

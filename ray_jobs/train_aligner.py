@@ -148,7 +148,7 @@ def train_loop(config: dict) -> None:
     # --- train
     window = MetricWindow(METRICS, counters=("tokens", "samples"))
     last = {}
-    batches = micro_batches(shard, micro, "aligner.batch_size")
+    batches = micro_batches(shard, micro, "aligner.batch_size", cfg.seed + 1000 * rank)
     while step < stage.max_steps:
         rows = next(batches)
         batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), aligner).items()}

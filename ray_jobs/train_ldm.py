@@ -79,7 +79,7 @@ def train_loop(config: dict) -> None:
     # --- train
     window = MetricWindow(METRICS, counters=("samples",))
     last, sample_rows = {}, None
-    batches = micro_batches(shard, micro, "char_ldm.batch_size")
+    batches = micro_batches(shard, micro, "char_ldm.batch_size", cfg.seed + 1000 * rank)
     while step < ldm.max_steps:
         rows = next(batches)
         batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), model, ldm, generator).items()}
