@@ -101,7 +101,20 @@ def test_a_batch_the_shard_cannot_fill_is_refused_by_name(ray_local):
     from ray_jobs.runtime import micro_batches
     from storygpt.config import ConfigError
 
-    batches = micro_batches(ray_local.data.from_items([{"x": i} for i in range(5)]).iterator(), 2, "char_ldm.batch_size")
+    batches = micro_batches(ray_local.data.from_items([{"x": i} for i in range(5)]).iterator(), 2, "char_ldm.batch_size", 0)
     assert [next(batches).num_rows for _ in range(5)] == [2] * 5  # epoch after epoch, the odd row dropped
     with pytest.raises(ConfigError, match=r"char_ldm\.batch_size: expected a batch the train split can fill"):
-        next(micro_batches(ray_local.data.from_items([{"x": 1}]).iterator(), 2, "char_ldm.batch_size"))
+        next(micro_batches(ray_local.data.from_items([{"x": 1}]).iterator(), 2, "char_ldm.batch_size", 0))
+
+
+def test_micro_batches_mix_stories_and_reshuffle_every_epoch(ray_local):
+    """Rows arrive in story order; each epoch must hold every row once, in a new mixed order."""
+    from ray_jobs.runtime import micro_batches
+
+    rows = [{"story": i // 4, "x": i} for i in range(64)]  # 16 stories of 4 rows, in order
+    batches = micro_batches(ray_local.data.from_items(rows).iterator(), 4, "char_ldm.batch_size", 0)
+    epochs = [[b for _ in range(16) for b in [next(batches)]] for _ in range(2)]
+    orders = [[x for b in epoch for x in b.column("x").to_pylist()] for epoch in epochs]
+    assert all(sorted(order) == list(range(64)) for order in orders) and orders[0] != orders[1]
+    one_story = sum(len(set(b.column("story").to_pylist())) == 1 for b in epochs[0])
+    assert one_story <= 2  # unshuffled, all 16 micro batches would hold a single story
