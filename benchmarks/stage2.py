@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.results:
         out = Path(args.results)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"{datetime.date.today()}-{machine()['host'] or 'host'}-stage2-{args.preset}"
-        (out / f"{stem}.json").write_text(json.dumps({**result, "machine": machine()}, indent=1))
+        host = machine()
+        stem = f"{datetime.date.today()}-{host['host'] or 'host'}-stage2-{args.preset}"
+        (out / f"{stem}.json").write_text(json.dumps({**result, "machine": host}, indent=1))
         (out / f"{stem}.md").write_text(f"# Stage 2 decomposition, preset `{args.preset}`\n\n`{args.command}`\n\n"
-                                        + table(result) + f"\nMachine: {machine()}\n")
+                                        + table(result) + f"\nMachine: {host}\n")
     return result
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,11 +41,13 @@ def targets_by_split(cfg, char_ldm: Path) -> tuple[dict[str, list[dict]], dict[s
     return records, targets, encoder
 
 
-def stories(rows: list[dict]) -> list[list[dict]]:
-    by_story = defaultdict(list)
-    for row in rows:
-        by_story[row["story_id"]].append(row)
-    return [sorted(by_story[s], key=lambda r: r["frame_index"]) for s in sorted(by_story)]
+def examples_by_split(targets: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Stage-2 examples (one per story prefix, as the job builds them) of each split's target rows."""
+    from storygpt.aligner.data import story_examples
+    from storygpt.evaluation.stories import group_stories
+
+    return {split: [e for story in group_stories(rows) for e in story_examples(story)]
+            for split, rows in targets.items()}
 
 
 class ReferenceProbe:
@@ -56,27 +57,20 @@ class ReferenceProbe:
     def __init__(self, examples: list[dict], encoder, references: dict, table, limit: int):
         import torch
 
-        from storygpt.aligner.metrics import candidate_casts
+        from storygpt.aligner.metrics import fused_candidates
 
-        cast = sorted(references)
         self.sets = {"pronoun": [e for e in examples if e["pronoun"]][:limit],
                      "named": [e for e in examples if not e["pronoun"]][:limit]}
-        self.candidates = {}
-        for kind, chosen in self.sets.items():
-            self.candidates[kind] = []
-            for e in chosen:
-                casts = candidate_casts(e["caption"], list(e["characters"]), cast, table)
-                fused = encoder.encode_named([c for c, _ in casts], [n for _, n in casts], references, table)
-                self.candidates[kind].append(fused.float())
+        self.candidates = {kind: fused_candidates(encoder, [(e["caption"], e["characters"]) for e in chosen],
+                                                  references, table) for kind, chosen in self.sets.items()}
         self.targets = {kind: torch.stack([torch.tensor(e["target"]).float() for e in chosen])
                         for kind, chosen in self.sets.items() if chosen}
 
     def __call__(self, aligner) -> dict:
         import torch
-        import torch.nn.functional as F
 
         from storygpt.aligner.data import collate
-        from storygpt.aligner.metrics import reference_accuracy
+        from storygpt.aligner.metrics import conditioning_cosine, reference_accuracy
 
         out = {}
         aligner.eval()
@@ -87,7 +81,7 @@ class ReferenceProbe:
                 predicted = torch.cat([aligner(collate(chosen[i:i + 32], aligner))["conditioning"].float()
                                        for i in range(0, len(chosen), 32)])
                 accuracy, chance = reference_accuracy(predicted, self.candidates[kind])
-                cosine = F.cosine_similarity(predicted.flatten(1), self.targets[kind].flatten(1)).mean().item()
+                cosine = conditioning_cosine(predicted, self.targets[kind])
                 out.update({f"reference_accuracy_{kind}": round(accuracy, 3), f"reference_chance_{kind}": round(chance, 3),
                             f"cosine_{kind}": round(cosine, 4)})
         aligner.train()
@@ -100,12 +94,14 @@ def train(cfg, examples: list[dict], probe: ReferenceProbe, steps: int, eval_eve
 
     from storygpt.aligner.data import collate
     from storygpt.aligner.model import StoryAligner
+    from storygpt.char_ldm.training import warmup_lambda
 
     torch.manual_seed(cfg.seed)
     aligner = StoryAligner.from_config(cfg)
     stage = cfg.aligner
     optimizer = torch.optim.AdamW(aligner.trainable_parameters(), lr=stage.learning_rate,
                                   weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(stage.warmup_steps))  # the job's
     rng = np.random.default_rng(cfg.seed)
     curve, start = [], time.perf_counter()
     aligner.train()
@@ -113,9 +109,8 @@ def train(cfg, examples: list[dict], probe: ReferenceProbe, steps: int, eval_eve
         out = aligner(collate([examples[i] for i in rng.choice(len(examples), stage.batch_size, replace=False)],
                               aligner))
         out["loss"].backward()
-        for group in optimizer.param_groups:
-            group["lr"] = stage.learning_rate * min(1.0, (step + 1) / max(stage.warmup_steps, 1))
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % eval_every == 0 or step == steps:
             point = {"step": step, "train_s": round(time.perf_counter() - start, 1),
@@ -195,18 +190,18 @@ def main(argv: list[str] | None = None) -> None:
 
     import storygpt  # noqa: F401  (the torchvision shim, before diffusers/transformers)
     from benchmarks.common import emit
-    from storygpt.evaluation.report import decomposition
-    from storygpt.aligner.data import story_examples
     from storygpt.char_ldm.references import reference_crops
     from storygpt.config import load_config
     from storygpt.data.characters import get_table
+    from storygpt.evaluation.report import decomposition
+    from storygpt.evaluation.stories import group_stories
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     cfg = load_config(args.config, [f"work_dir={args.work}", *args.set])
     char_ldm = Path(args.char_ldm)
     records, targets, encoder = targets_by_split(cfg, char_ldm)
-    examples = {split: [e for story in stories(rows) for e in story_examples(story)] for split, rows in targets.items()}
+    examples = examples_by_split(targets)
     references = reference_crops(records["train"], cfg.seed)
     probe = ReferenceProbe(examples["val"], encoder, references, get_table(cfg.data.dataset), args.eval_frames)
     steps = args.steps or cfg.aligner.max_steps
@@ -219,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         aligner, curve = train(cfg, examples["train"], probe, steps, args.eval_every)
     if args.save:
         aligner.save_trained(args.save)
-    rows = draw_and_score(cfg, char_ldm, aligner, stories(targets["test"])[:args.test_stories], references)
+    rows = draw_and_score(cfg, char_ldm, aligner, group_stories(targets["test"])[:args.test_stories], references)
     emit({"benchmark": "stage2_learning", "config": Path(args.config).name, "overrides": args.set, "steps": steps,
           "gen_loss_weight": cfg.aligner.gen_loss_weight, "referential_rule": cfg.data.referential_rule,
           "curve": curve, "rows": rows, **decomposition(rows), "wall_s": round(time.perf_counter() - start, 1)})

@@ -120,7 +120,7 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
         "seconds": round(time.perf_counter() - started, 1), "pipeline_s": round(pipeline_s, 1),
     }
     (output / "scores.json").write_text(json.dumps(summary, indent=1))
-    summary["run_id"] = _track(cfg, output, results, long_results)
+    summary["run_id"] = _track(cfg, output, results, long_results, summary["decomposition"])
     summary["table"] = table
     return summary
 
@@ -210,7 +210,7 @@ class ScoreFrames:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _track(cfg: StoryConfig, output: Path, results: dict, long_results: dict) -> str | None:
+def _track(cfg: StoryConfig, output: Path, results: dict, long_results: dict, ratios: dict) -> str | None:
     from ray_jobs.tracking import Tracker
 
     tracker = Tracker(cfg, f"evaluate-{output.name}", None, active=True)
@@ -218,9 +218,7 @@ def _track(cfg: StoryConfig, output: Path, results: dict, long_results: dict) ->
                for k, v in figures.items()}
     metrics |= {f"long.{row.replace('/', '.')}.{n}.{k}": float(v) for row, d in long_results.items()
                 for n, figures in d.items() for k, v in figures.items()}
-    from storygpt.evaluation.report import decomposition
-
-    metrics |= {f"decomposition.{k}": v for k, v in decomposition(results).items() if v is not None}
+    metrics |= {f"decomposition.{k}": v for k, v in ratios.items() if v is not None}
     tracker.log(metrics, step=0)
     tracker.files([output / "table.md", output / "scores.json"], "evaluation")  # frames stay on disk
     tracker.end()

@@ -96,7 +96,7 @@ def _candidates(cfg: StoryConfig, info: dict, evaluation: list[dict]) -> list:
 def _fuse_candidates(cfg: dict, char_ldm: str, records: str, frames: list[tuple[str, list[str]]]) -> list:
     import torch
 
-    from storygpt.aligner.metrics import candidate_casts
+    from storygpt.aligner.metrics import fused_candidates
     from storygpt.char_ldm.references import train_reference_crops
     from storygpt.char_ldm.targets import StageTwoTargets
     from storygpt.data.characters import get_table
@@ -107,13 +107,7 @@ def _fuse_candidates(cfg: dict, char_ldm: str, records: str, frames: list[tuple[
     encoder = StageTwoTargets(config, char_ldm, device=device)
     table = get_table(config.data.dataset)
     references = train_reference_crops(Path(records), table.names, config.seed)
-    cast = sorted(references)  # swaps need a look to fuse
-    out = []
-    for caption, characters in frames:
-        casts = candidate_casts(caption, characters, cast, table)
-        fused = encoder.encode_named([c for c, _ in casts], [n for _, n in casts], references, table)
-        out.append(fused.float().flatten(1).cpu().numpy())
-    return out
+    return [fused.flatten(1).cpu().numpy() for fused in fused_candidates(encoder, frames, references, table)]
 
 
 # ----------------------------------------------------------------------------- on each worker
@@ -179,7 +173,7 @@ def _reference_accuracy(engine, examples: list[dict], candidates: list, micro: i
     import torch
 
     from storygpt.aligner.data import collate
-    from storygpt.aligner.metrics import reference_accuracy
+    from storygpt.aligner.metrics import conditioning_cosine, reference_accuracy
 
     if not examples:
         return {}
@@ -194,6 +188,6 @@ def _reference_accuracy(engine, examples: list[dict], candidates: list, micro: i
     model.train(was_training)
     predicted = torch.cat(predicted)
     accuracy, chance = reference_accuracy(predicted, [torch.as_tensor(c) for c in candidates])
-    targets = torch.stack([torch.as_tensor(e["target"]).float() for e in examples])
-    cosine = torch.nn.functional.cosine_similarity(predicted.flatten(1), targets.flatten(1)).mean().item()
-    return {"reference_accuracy": accuracy, "reference_chance": chance, "conditioning_cosine": cosine}
+    targets = torch.stack([torch.as_tensor(e["target"]) for e in examples])
+    return {"reference_accuracy": accuracy, "reference_chance": chance,
+            "conditioning_cosine": conditioning_cosine(predicted, targets)}

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+OUTSIDE = re.compile("DESIGN " + "\u00a7" + r"|\.\./shared")  # spelled so this file does not match itself
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -53,6 +54,5 @@ def test_readme_is_a_front_door():
 
 def test_no_file_cites_a_document_outside_the_repository():
     cited = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() and p.suffix in {".py", ".md", ".yaml"}
-             and ".venv" not in p.parts and "work_dirs" not in p.parts and p.name != "test_docs.py"
-             and re.search(r"DESIGN §|\.\./shared", p.read_text(errors="ignore"))]
+             and ".venv" not in p.parts and "work_dirs" not in p.parts and OUTSIDE.search(p.read_text(errors="ignore"))]
     assert cited == []

@@ -44,6 +44,25 @@ def candidate_casts(
     return candidates
 
 
+def fused_candidates(encoder, frames: list[tuple[str, list[str]]], references: dict, table: CharacterTable,
+                     ) -> list[torch.Tensor]:
+    """Per (caption, characters) frame, the fused embeddings (K, L, d) of its candidate casts, the
+    right cast first. ``encoder``: a ``StageTwoTargets`` (the Char-LDM's encoders the targets were
+    made with); ``references``: name → reference crop; only characters with a crop are swapped in."""
+    cast = sorted(references)
+    out = []
+    for caption, characters in frames:
+        casts = candidate_casts(caption, list(characters), cast, table)
+        out.append(encoder.encode_named([c for c, _ in casts], [n for _, n in casts], references, table).float())
+    return out
+
+
+def conditioning_cosine(predicted: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean cosine between each predicted (L, d) conditioning and its fused target, flattened:
+    how close the mapper gets whoever the referent."""
+    return F.cosine_similarity(predicted.flatten(1).float(), targets.flatten(1).float()).mean().item()
+
+
 def reference_accuracy(predicted: torch.Tensor, candidates: list[torch.Tensor]) -> tuple[float, float]:
     """(share of frames whose prediction is nearest its candidate 0, chance = mean 1 / candidates).
 

@@ -20,15 +20,17 @@ def split_stories(records: pa.Table, split: str, frames: int | None = None, limi
     """The split's stories in story-id order, each its frames in order; ``frames`` keeps the first
     N of each story (stories shorter than N are left out), ``limit`` the first stories."""
     rows = records.filter(pc.equal(records["split"], split)).select(FRAME_FIELDS).to_pylist()
+    stories = [story[:frames] if frames else story for story in group_stories(rows)
+               if frames is None or len(story) >= frames]
+    return stories[:limit] if limit else stories
+
+
+def group_stories(rows: list[dict]) -> list[list[dict]]:
+    """Rows with ``story_id`` and ``frame_index`` → stories in story-id order, frames in order."""
     by_story: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_story[row["story_id"]].append(row)
-    stories = []
-    for story_id in sorted(by_story):
-        story = sorted(by_story[story_id], key=lambda r: r["frame_index"])
-        if frames is None or len(story) >= frames:
-            stories.append(story[:frames] if frames else story)
-    return stories[:limit] if limit else stories
+    return [sorted(by_story[story_id], key=lambda r: r["frame_index"]) for story_id in sorted(by_story)]
 
 
 def long_stories(stories: list[list[dict]], length: int, count: int, position: Position | None,
