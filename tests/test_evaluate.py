@@ -26,6 +26,8 @@ def test_split_stories_orders_frames_cuts_and_limits():
     assert [s[0]["story_id"] for s in stories] == ["s0", "s1"]
     assert [f["frame_index"] for f in stories[0]] == [0, 1, 2, 3]
     assert split_stories(table, "test", frames=6) == []  # no test story is that long
+    spread = split_stories(_records(10, 5), "test", limit=3)  # a limit samples the whole split
+    assert [s[0]["story_id"] for s in spread] == ["s0", "s3", "s6"]
 
 
 def test_caption_scores_reward_the_right_caption():

@@ -18,11 +18,14 @@ FRAME_FIELDS = ["id", "story_id", "frame_index", "caption", "referential_caption
 
 def split_stories(records: pa.Table, split: str, frames: int | None = None, limit: int | None = None) -> list[list[dict]]:
     """The split's stories in story-id order, each its frames in order; ``frames`` keeps the first
-    N of each story (stories shorter than N are left out), ``limit`` the first stories."""
+    N of each story (stories shorter than N are left out), ``limit`` that many spread evenly over
+    the split: consecutive stories are pieces of one episode, with its cast and settings."""
     rows = records.filter(pc.equal(records["split"], split)).select(FRAME_FIELDS).to_pylist()
     stories = [story[:frames] if frames else story for story in group_stories(rows)
                if frames is None or len(story) >= frames]
-    return stories[:limit] if limit else stories
+    if not limit or limit >= len(stories):
+        return stories
+    return [stories[k * len(stories) // limit] for k in range(limit)]
 
 
 def group_stories(rows: list[dict]) -> list[list[dict]]:
