@@ -41,7 +41,7 @@ def cpu_figures(quick: bool) -> dict:
     from storygpt.char_ldm.model import CharLDM
     from storygpt.commands.zoo import build_zoo_quietly
     from storygpt.config import load_config
-    from storygpt.data.prepare import records_in_process
+    from storygpt.vision.prepare import records_in_process
     from storygpt.world.generate import generate_world
 
     torch.set_num_threads(2)

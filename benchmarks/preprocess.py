@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(cfg):
-    from storygpt.data import prepare
+    from storygpt.vision import prepare
     from storygpt.data.characters import get_table
     from storygpt.data.readers import ReadOptions, read_stories
 

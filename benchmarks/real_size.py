@@ -65,8 +65,8 @@ def write_weights(out: Path, size: dict, device: str) -> dict[str, str]:
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
                               CLIPVisionModelWithProjection, OPTConfig, OPTForCausalLM)
 
-    from storygpt.models.tokenizers import train_clip_tokenizer, train_opt_tokenizer
-    from storygpt.models.zoo import SD15_SCHEDULE
+    from storygpt.zoo.tokenizers import train_clip_tokenizer, train_opt_tokenizer
+    from storygpt.zoo.build import SD15_SCHEDULE
 
     corpus = CAPTIONS * 4
     sd, vision_dir, lm_dir = out / "stable-diffusion-v1-5", out / "clip-vit-large-patch14", out / "opt-6.7b"

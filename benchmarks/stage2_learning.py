@@ -31,7 +31,7 @@ BATCH = 50  # frames per sampling call
 def targets_by_split(cfg, char_ldm: Path) -> tuple[dict[str, list[dict]], dict[str, list[dict]], object]:
     """(records, stage-2 target rows) per split, computed in-process as ``storygpt precompute`` does."""
     from storygpt.char_ldm.targets import StageTwoTargets
-    from storygpt.data.prepare import records_in_process
+    from storygpt.vision.prepare import records_in_process
 
     records = {split: records_in_process(cfg, split) for split in ("train", "val", "test")}
     encoder = StageTwoTargets(cfg, char_ldm)

@@ -74,7 +74,7 @@ def train(cfg, steps: int, eval_every: int, eval_frames: int, device: str, out_p
 
     from storygpt.char_ldm.data import collate
     from storygpt.char_ldm.model import CharLDM
-    from storygpt.data.prepare import records_in_process
+    from storygpt.vision.prepare import records_in_process
 
     train_rows, test_rows = records_in_process(cfg, "train"), records_in_process(cfg, "test")
     torch.manual_seed(cfg.seed)

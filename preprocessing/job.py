@@ -15,6 +15,7 @@ from pathlib import Path
 
 from storygpt.commands import add_config_arguments
 from storygpt.config import DATASET_OF_FORMAT, ConfigError, StoryConfig, load_config
+from storygpt.data.readers import READERS, ReadOptions, read_stories
 
 FINGERPRINT_KEYS = ("data.", "preprocess.super_resolution.", "preprocess.masks.backend", "char_ldm.resolution")
 
@@ -22,7 +23,7 @@ FINGERPRINT_KEYS = ("data.", "preprocess.super_resolution.", "preprocess.masks.b
 def add_arguments(p) -> None:
     add_config_arguments(p)
     p.add_argument("--input", help="dataset dir (default: data.root)")
-    p.add_argument("--format", choices=["flintstones", "storygptv", "pororo"], help="default: data.format")
+    p.add_argument("--format", choices=sorted(READERS), help="default: data.format")
     p.add_argument("--output", help="records dir (default: preprocess.output)")
 
 
@@ -49,10 +50,9 @@ def preprocess(cfg: StoryConfig) -> dict:
     from preprocessing.pipeline import build
     from preprocessing.writer import atomic_parquet, resume_state
     from storygpt.atomic import replace_bytes
-    from storygpt.data import prepare
+    from storygpt.vision import prepare
     from storygpt.data.characters import get_table
     from storygpt.data.record_schema import ERRORS, read_table
-    from storygpt.data.readers import ReadOptions, read_stories
 
     started = time.perf_counter()
     output = cfg.path(cfg.preprocess.output)

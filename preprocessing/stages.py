@@ -1,5 +1,5 @@
 """The pipeline's stages as Ray Data callables. Each converts a pyarrow batch to rows, calls
-the library step from ``storygpt.data.prepare`` and converts back; no model math here."""
+the library step from ``storygpt.vision.prepare`` and converts back; no model math here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from storygpt.data import prepare
+from storygpt.vision import prepare
 from storygpt.data.characters import get_table
 from storygpt.models.loading import load_clip_tokenizer
 from storygpt.vision.masks import BoxMasker

@@ -279,13 +279,13 @@ def _train_aligner(cfg: StoryConfig, results: dict) -> dict:
 
 
 def _train_classifier(cfg: StoryConfig, results: dict) -> dict:
-    from storygpt.evaluation.classifier import train_classifier
+    from storygpt.evaluation.classifier_training import train_classifier
 
     return train_classifier(cfg.resolved(), results["preprocess (Ray Data)"]["output"])
 
 
 def _train_captioner(cfg: StoryConfig, results: dict) -> dict:
-    from storygpt.evaluation.captioner import train_captioner
+    from storygpt.evaluation.captioner_training import train_captioner
 
     return train_captioner(cfg.resolved(), results["preprocess (Ray Data)"]["output"])
 

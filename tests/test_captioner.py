@@ -26,7 +26,7 @@ def world(repo, tiny_work, tmp_path_factory):
     """The tiny preset's 60-story world as records (240 train, 60 held-out frames), written by the
     preprocessing steps in a loop: the session's 10-story `records` hold 30 train frames, which a
     captioner memorises (held-out recall 0.1) rather than learns."""
-    from storygpt.data.prepare import records_in_process
+    from storygpt.vision.prepare import records_in_process
     from storygpt.data.record_schema import RECORDS
     from storygpt.world.generate import generate_world
 
@@ -110,7 +110,8 @@ def test_train_captioner_learns_to_name_the_characters(trained):
 
 
 def test_from_pretrained_round_trips(trained, tmp_path):
-    from storygpt.evaluation.captioner import TRAINING_FILE, Captioner, caption_batch, prompt_ids
+    from storygpt.evaluation.captioner import Captioner, prompt_ids
+    from storygpt.evaluation.captioner_training import TRAINING_FILE, caption_batch
 
     cfg, _, images, *_ = trained
     directory = cfg.path(cfg.evaluate.captioner.model)
@@ -141,7 +142,8 @@ def test_from_pretrained_round_trips(trained, tmp_path):
 
 
 def test_missing_captioner_is_a_config_error(repo, tmp_path):
-    from storygpt.evaluation.captioner import Captioner, train_captioner
+    from storygpt.evaluation.captioner import Captioner
+    from storygpt.evaluation.captioner_training import train_captioner
 
     cfg = load_config(repo / "configs" / "flintstones.yaml", [f"evaluate.captioner.model={tmp_path / 'none'}"])
     with pytest.raises(ConfigError, match="evaluate.captioner.model"):
@@ -151,7 +153,7 @@ def test_missing_captioner_is_a_config_error(repo, tmp_path):
 
 
 def test_no_train_records_is_a_config_error(world, tmp_path):
-    from storygpt.evaluation.captioner import train_captioner
+    from storygpt.evaluation.captioner_training import train_captioner
 
     cfg, _ = world
     with pytest.raises(ConfigError, match="no 'train' records"):

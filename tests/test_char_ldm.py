@@ -45,7 +45,7 @@ def cfg(repo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def records(cfg) -> list[dict]:
     """The world's frames through the preprocessing steps, in a loop instead of Ray Data."""
-    from storygpt.data.prepare import records_in_process
+    from storygpt.vision.prepare import records_in_process
 
     return records_in_process(cfg)
 
@@ -266,7 +266,7 @@ def test_training_step_reports_its_losses(model, batch, cfg):
 def test_min_snr_weights_follow_the_snr_and_weight_each_sample():
     from diffusers import DDPMScheduler
 
-    from storygpt.models.zoo import SD15_SCHEDULE
+    from storygpt.zoo.build import SD15_SCHEDULE
 
     scheduler = DDPMScheduler(**SD15_SCHEDULE)  # ε-prediction, as the paper
     t = torch.tensor([0, 300, 999])
@@ -292,7 +292,7 @@ def test_zero_terminal_snr_with_v_prediction(repo, cfg, records, tmp_path):
     from storygpt.char_ldm.training import diffusion_target
     from storygpt.config import ConfigError, TinyZooConfig
     from storygpt.models.loading import load_scheduler
-    from storygpt.models.zoo import BUILDERS
+    from storygpt.zoo.build import BUILDERS
 
     assert cfg.zoo.scheduler_zero_terminal_snr and cfg.char_ldm.prediction_type == "v_prediction"
     defaults = {k: f.default for k, f in TinyZooConfig.model_fields.items() if k.startswith("scheduler_")}

@@ -127,7 +127,7 @@ def test_imagenet_weights_load_into_the_trunk_with_weights_only(imagenet_state, 
 
 
 def test_train_classifier_names_a_missing_weights_file_before_reading_data(repo, tmp_path):
-    from storygpt.evaluation.classifier import train_classifier
+    from storygpt.evaluation.classifier_training import train_classifier
 
     cfg = load_config(repo / "configs" / "tiny.yaml",
                       [f"work_dir={tmp_path}", f"evaluate.classifier.weights={tmp_path}/nope.pth"])
@@ -154,7 +154,7 @@ def world_records(ray_local, tiny_work, repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(world_records, repo, tmp_path_factory):
-    from storygpt.evaluation.classifier import train_classifier
+    from storygpt.evaluation.classifier_training import train_classifier
 
     work = tmp_path_factory.mktemp("classifier_work")
     cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={work}", *TRAIN])

@@ -18,9 +18,10 @@ from storygpt.config import load_config
 from storygpt.data.characters import WORLD
 from storygpt.models import loading
 from storygpt.models.sam import SamArchitecture, build_sam
-from storygpt.models.zoo import SD15_SCHEDULE, build_tiny_zoo, world_frame
-from storygpt.world.detector import detect
 from storygpt.world.corpus import lm_corpus
+from storygpt.world.detector import detect
+from storygpt.zoo.build import SD15_SCHEDULE, build_tiny_zoo
+from storygpt.zoo.pretrain import world_frame
 
 PARTS = {"clip_text", "clip_vision", "vae", "unet", "scheduler", "opt", "llama", "sam",
          "super_resolution"}

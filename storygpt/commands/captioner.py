@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from transformers.utils import logging as transformers_logging
 
-    from storygpt.evaluation.captioner import train_captioner
+    from storygpt.evaluation.captioner_training import train_captioner
 
     cfg = load_config(args.config, args.overrides)
     records = args.records or cfg.path(cfg.preprocess.output)

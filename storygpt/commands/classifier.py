@@ -32,7 +32,7 @@ def run(args) -> int:
     if not (records / "records").is_dir():
         raise ConfigError(f"{key}: expected a preprocessed records dir (with records/), got '{records}' "
                           "(run `storygpt preprocess` first)")
-    from storygpt.evaluation.classifier import train_classifier
+    from storygpt.evaluation.classifier_training import train_classifier
 
     figures = train_classifier(cfg, records, device=args.device)
     print(json.dumps(figures))

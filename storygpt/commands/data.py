@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import get_args
 
 from storygpt.commands import add_config_arguments
-from storygpt.config import DATASET_OF_FORMAT, load_config
+from storygpt.config import DATASET_OF_FORMAT, Dataset, load_config
 from storygpt.data.characters import get_table
-from storygpt.data.readers import ReadOptions, read_long_stories, read_stories
+from storygpt.data.readers import READERS, ReadOptions, read_long_stories, read_stories
 
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", metavar="<action>", required=True)
     show = sub.add_parser("show", help="print the stories a dataset dir holds")
     add_config_arguments(show)
-    show.add_argument("--format", choices=["flintstones", "storygptv", "pororo"], help="default: data.format")
+    show.add_argument("--format", choices=sorted(READERS), help="default: data.format")
     show.add_argument("--root", help="dataset dir (default: data.root)")
-    show.add_argument("--dataset", choices=["world", "flintstones", "pororo"],
+    show.add_argument("--dataset", choices=get_args(Dataset),
                       help="character table (default: the --format's own dataset, else data.dataset)")
     show.add_argument("--split", choices=["train", "val", "test"], help="default: data.split")
     show.add_argument("--limit", type=int, help="at most this many stories")

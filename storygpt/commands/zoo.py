@@ -17,7 +17,7 @@ def build_zoo_quietly(cfg, out) -> dict:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from storygpt.models.zoo import build_tiny_zoo
+    from storygpt.zoo.build import build_tiny_zoo
 
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()

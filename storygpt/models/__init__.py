@@ -1,2 +1,2 @@
 """Pretrained parts: one loader per part (``loading``), the same for the tiny zoo and real
-weights; the tiny random zoo itself (``zoo``, with ``tokenizers`` and ``sam``)."""
+weights; the SAM config format (``sam``), model cards, and trained exports (``trained``)."""

@@ -2,40 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable, get_args
 
+from storygpt.config import DatasetFormat
 from storygpt.data.characters import CharacterTable
 from storygpt.data.errors import DatasetError
 from storygpt.data.records import ReadReport, Story
 from storygpt.data.referential import referential_story
+from storygpt.data.readers import flintstones, pororo, storygptv
+from storygpt.data.readers.common import ReadOptions
 from storygpt.data.runs import Position, consecutive_runs
 
+__all__ = ["READERS", "ReadOptions", "frame_position", "read_long_stories", "read_stories"]
 
-@dataclass(frozen=True)
-class ReadOptions:
-    split: str = "train"
-    frames_per_story: int = 5
-    clip_frame: int = 0
-    box_source_size: tuple[int, int] | None = None
-    on_error: str = "raise"
-    limit: int | None = None  # stop after this many stories
-    referential_rule: str = "equal"  # storygpt.data.referential.RULES
-    # False: leave image files unchecked here; preprocessing checks each frame where it loads it,
-    # so one bad frame becomes one error row instead of costing its whole story.
-    check_files: bool = True
+Reader = Callable[[Path, CharacterTable, ReadOptions], tuple[list[Story], ReadReport]]
+# The one list of layouts: config.DatasetFormat and every --format choice name these keys.
+READERS: dict[str, Reader] = {"flintstones": flintstones.read, "storygptv": storygptv.read, "pororo": pororo.read}
+if set(READERS) != set(get_args(DatasetFormat)):  # a reader added here must be a config value too
+    raise ImportError(f"storygpt.data.readers: READERS {sorted(READERS)} != config.DatasetFormat")
+
 
 
 def read_stories(
     fmt: str, root: str | Path, table: CharacterTable, options: ReadOptions, referential: bool = True
 ) -> tuple[list[Story], ReadReport]:
     """Read ``root`` in layout ``fmt``; fill referential captions unless ``referential=False``."""
-    from storygpt.data.readers import flintstones, pororo, storygptv
-
-    readers = {"flintstones": flintstones.read, "storygptv": storygptv.read, "pororo": pororo.read}
-    if fmt not in readers:
-        raise ValueError(f"format: expected one of {sorted(readers)}, got {fmt!r}")
-    stories, report = readers[fmt](Path(root), table, options)
+    if fmt not in READERS:
+        raise ValueError(f"format: expected one of {sorted(READERS)}, got {fmt!r}")
+    stories, report = READERS[fmt](Path(root), table, options)
     _check_table(root, stories, report, table)
     if referential:
         for story in stories:
@@ -46,8 +42,6 @@ def read_stories(
 
 def frame_position(fmt: str) -> Position | None:
     """How a format's frame ids order the clips of an episode (None: only the stories tell)."""
-    from storygpt.data.readers import flintstones
-
     return flintstones.shot_position if fmt in ("flintstones", "storygptv") else None
 
 

@@ -1,9 +1,10 @@
-"""Helpers the readers share: strict file loading, box scaling, character resolution."""
+"""What the readers share: their options, strict file loading, box scaling, character resolution."""
 
 from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,20 @@ from storygpt.data.characters import CharacterTable
 from storygpt.data.errors import DatasetError
 from storygpt.data.images import npy_clip_shape
 from storygpt.data.records import Box, ReadReport
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    split: str = "train"
+    frames_per_story: int = 5
+    clip_frame: int = 0
+    box_source_size: tuple[int, int] | None = None
+    on_error: str = "raise"
+    limit: int | None = None  # stop after this many stories
+    referential_rule: str = "equal"  # storygpt.data.referential.RULES
+    # False: leave image files unchecked here; preprocessing checks each frame where it loads it,
+    # so one bad frame becomes one error row instead of costing its whole story.
+    check_files: bool = True
 
 
 def require(path: Path) -> Path:

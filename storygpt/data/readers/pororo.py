@@ -15,8 +15,7 @@ from PIL import Image
 
 from storygpt.data.characters import CharacterTable
 from storygpt.data.errors import Problems
-from storygpt.data.readers import ReadOptions
-from storygpt.data.readers.common import read_npy_object
+from storygpt.data.readers.common import ReadOptions, read_npy_object
 from storygpt.data.records import Frame, ImageSource, ReadReport, Story
 
 SPLITS = {"train": 0, "val": 1, "test": 2}

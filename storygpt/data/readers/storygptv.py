@@ -18,9 +18,8 @@ import numpy as np
 from storygpt.data.characters import CharacterTable
 from storygpt.data.errors import Problems
 from storygpt.data.images import npy_clip_shape
-from storygpt.data.readers import ReadOptions
 from storygpt.data.readers.common import (
-    clip_problem, read_json, read_pickle, resolve_character, scale_box, split_ids,
+    ReadOptions, clip_problem, read_json, read_pickle, resolve_character, scale_box, split_ids,
 )
 from storygpt.data.records import Frame, ImageSource, MaskSource, ReadReport, Story
 
