@@ -48,3 +48,16 @@ def test_world_learning_scores_against_the_train_splits_most_frequent_answer(tin
         for scores in (point["unguided"], point[guided[0]], out["chance"]):
             assert set(scores) == {"char_acc", "bg_acc"}
             assert all(0 <= v <= 1 for v in scores.values())
+
+
+def test_sizing_counts_the_real_parts_on_the_meta_device(repo):
+    """The published sizes (SD-1.5 UNet 859.5 M, OPT-6.7B 6.66 B, CLIP ViT-L/14 304 M): the
+    sizing doc's arithmetic starts from these counts."""
+    from benchmarks.sizing import parameter_counts, step_traffic
+    from storygpt.config import load_config
+
+    counts = parameter_counts(load_config(repo / "configs" / "flintstones.yaml"))
+    assert counts["unet"] == 859_520_964 and round(counts["lm"] / 1e9, 2) == 6.66
+    assert round(counts["clip_vision"] / 1e6) == 304 and 0 < counts["clip_vision_trainable"] < counts["clip_vision"] / 10
+    traffic = step_traffic(10**9, 0, [8])
+    assert traffic["gradient_bytes"] == 2 * 10**9 and traffic["allreduce_bytes_per_gpu"][8] == 3_500_000_000
