@@ -105,19 +105,14 @@ def _sync(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def story_latency(pipeline, aligner, device: str, frames: int = 5) -> dict:
-    """Seconds to each frame of one story: the LM loop plus a full Char-LDM sample per frame."""
-    from storygpt.aligner.generation import StoryGenerator
-
+def story_latency(story, device: str, frames: int = 5) -> dict:
+    """Seconds to each frame of one story (a ``StoryGPTPipeline``): the LM loop plus a full
+    Char-LDM sample per frame."""
     sync = _sync(device)
-
-    def draw(conditioning, seed: int):
-        return pipeline(conditioning=conditioning, seed=seed)[0]
-
-    list(StoryGenerator(aligner, draw).stream(CAPTIONS[:2]))  # warm-up: kernels, allocator
+    list(story.stream(CAPTIONS[:2]))  # warm-up: kernels, allocator
     sync()
     start, at = time.perf_counter(), []
-    for _frame in StoryGenerator(aligner, draw).stream(CAPTIONS[:frames]):
+    for _frame in story.stream(CAPTIONS[:frames]):
         sync()
         at.append(time.perf_counter() - start)
     gaps = [b - a for a, b in zip(at, at[1:])]
@@ -169,6 +164,7 @@ def figures(size_name: str, device: str, work: Path) -> dict:
     from storygpt.aligner.model import StoryAligner
     from storygpt.char_ldm.pipeline import CharLDMPipeline
     from storygpt.config import load_config
+    from storygpt.pipeline import StoryGPTPipeline
 
     size = SIZES[size_name]
     start = time.perf_counter()
@@ -188,7 +184,7 @@ def figures(size_name: str, device: str, work: Path) -> dict:
                      f"weights), fp32 weights, {cfg.char_ldm.mixed_precision} autocast",
            "resolution": size["resolution"], "sample_steps": cfg.char_ldm.sample_steps,
            "guidance_scale": cfg.char_ldm.guidance_scale, "weights_written_s": round(written_s, 1),
-           "load_s": round(load_s, 1), "story": story_latency(pipeline, aligner, device),
+           "load_s": round(load_s, 1), "story": story_latency(StoryGPTPipeline(cfg, aligner, pipeline), device),
            "drawing": batched_drawing(pipeline, device), "lm_loop": lm_loop(aligner, device)}
     if device == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)

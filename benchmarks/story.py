@@ -65,7 +65,7 @@ def _lm_timing(aligner, use_cache: bool, frames: int, repeats: int) -> tuple[lis
 
 
 def _flat_frame(np):
-    def draw(conditioning, seed: int):
+    def draw(conditioning, seed: int, caption: str):
         return np.full((64, 64, 3), seed % 256, dtype=np.uint8)
 
     return draw

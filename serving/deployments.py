@@ -64,9 +64,10 @@ class CharLDMDeployment:
         return await asyncio.get_running_loop().run_in_executor(
             self._model, lambda: self.pipeline.encode([caption], [characters], references).cpu())
 
-    async def draw(self, conditioning, seed: int, steps: int, guidance: float) -> np.ndarray:
-        """One (R, R, 3) uint8 frame from a (1, L, d) conditioning, batched with concurrent calls."""
-        return await self._draw_batch((conditioning, seed, steps, guidance))
+    async def draw(self, conditioning, seed: int, steps: int, guidance: float, caption: str) -> np.ndarray:
+        """One (R, R, 3) uint8 frame from a (1, L, d) conditioning, batched with concurrent calls
+        (``caption``: the text of the delayed-conditioning steps, when the preset has them)."""
+        return await self._draw_batch((conditioning, seed, steps, guidance, caption))
 
     def stats(self) -> dict:
         """This replica's UNet batch sizes so far (a handle call reaches one replica of several)."""
@@ -79,16 +80,18 @@ class CharLDMDeployment:
 
         out: list[np.ndarray | None] = [None] * len(requests)
         by_steps: dict[int, list[int]] = {}
-        for i, (_, _, steps, _) in enumerate(requests):
+        for i, (_, _, steps, _, _) in enumerate(requests):
             by_steps.setdefault(steps, []).append(i)
         loop = asyncio.get_running_loop()
         for steps, rows in by_steps.items():  # a sampler schedule is shared by the rows of one call
             conditioning = torch.cat([requests[i][0] for i in rows])
             seeds = [requests[i][1] for i in rows]
             guidance = [requests[i][3] for i in rows]
+            captions = [requests[i][4] for i in rows]
             self.batch_sizes[len(rows)] += 1
             frames = await loop.run_in_executor(
-                self._model, lambda c=conditioning, s=seeds, g=guidance, n=steps: self.pipeline.sample(c, s, n, g))
+                self._model, lambda c=conditioning, s=seeds, g=guidance, n=steps, p=captions: self.pipeline.sample(
+                    c, s, n, g, plain_captions=p))
             for i, frame in zip(rows, frames):
                 out[i] = frame
         return out
@@ -116,14 +119,14 @@ class StoryLLMDeployment:
 
     async def stream(self, job: StoryJob) -> AsyncIterator[dict]:
         """Each frame as ``{index, caption, written, image: base64 PNG}``, as soon as it is drawn."""
-        from storygpt.aligner.generation import StoryGenerator
+        from storygpt.pipeline import StoryGPTPipeline
 
         loop = asyncio.get_running_loop()
-        generator = StoryGenerator(self.aligner, self._drawer(job, loop), self.cfg.aligner.context_window)
+        story = StoryGPTPipeline(self.cfg, self.aligner, draw=self._drawer(job, loop))
         if job.k:
-            frames = generator.continue_story(job.captions, job.k, seed=job.seed)
+            frames = story.continue_story(job.captions, job.k, seed=job.seed)
         else:
-            frames = generator.stream(job.captions, seed=job.seed)
+            frames = story.stream(job.captions, seed=job.seed)
         try:
             while (frame := await loop.run_in_executor(self._stories, next, frames, None)) is not None:
                 image = await loop.run_in_executor(self._stories, png_base64, frame.image)
@@ -135,29 +138,18 @@ class StoryLLMDeployment:
                 pass
 
     def _drawer(self, job: StoryJob, loop: asyncio.AbstractEventLoop):
-        """The generator's ``draw(conditioning, seed)``, called on a story thread, in frame order."""
-        drawn = 0
+        """The story's ``draw(conditioning, seed, caption)`` on the Char-LDM deployment, called on a
+        story thread, in frame order; the reference policy is the library's
+        (:func:`storygpt.pipeline.referenced`)."""
+        from storygpt.pipeline import referenced
 
-        async def draw(conditioning, seed: int) -> np.ndarray:
-            nonlocal drawn
-            index, drawn = drawn, drawn + 1
-            caption = job.captions[index] if index < len(job.captions) else None  # else: LM-written
-            named = self._referenced(caption, job.references) if caption else []
+        async def draw(conditioning, seed: int, text: str) -> np.ndarray:
+            named = referenced(text, job.references, self.table)
             if named:  # the Char-LDM's own fused conditioning: what the aligner imitates
                 conditioning = await self.char_ldm.encode.remote(
-                    caption, named, {n: job.references[n] for n in named})
-            frame = await self.char_ldm.draw.remote(conditioning.cpu(), seed, job.steps, job.guidance)
+                    text, named, {n: job.references[n] for n in named})
+            frame = await self.char_ldm.draw.remote(conditioning.cpu(), seed, job.steps, job.guidance, text)
             return np.array(frame)  # writable (what Ray hands back is read-only)
 
-        return lambda conditioning, seed: asyncio.run_coroutine_threadsafe(draw(conditioning, seed), loop).result()
-
-    def _referenced(self, caption: str, references: dict[str, np.ndarray]) -> list[str]:
-        """Characters the caption names that have a reference image (in caption order, no repeats)."""
-        if not references:
-            return []
-        names = []
-        for match in self.table.mention_pattern.finditer(caption):
-            character = self.table.get(match.group(0))
-            if character is not None and character.name in references and character.name not in names:
-                names.append(character.name)
-        return names
+        return lambda conditioning, seed, text: asyncio.run_coroutine_threadsafe(
+            draw(conditioning, seed, text), loop).result()

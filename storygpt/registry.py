@@ -180,11 +180,7 @@ class StoryGPTModel(PythonModel):
         guidance = float(params.get("guidance", self.cfg.char_ldm.guidance_scale))
         if self.aligner is None:
             return np.stack(self.pipeline(captions=captions, steps=steps, guidance_scale=guidance, seed=seed))
-        from storygpt.aligner.generation import StoryGenerator
+        from storygpt.pipeline import StoryGPTPipeline
 
-        def draw(conditioning, frame_seed: int) -> np.ndarray:
-            return self.pipeline(conditioning=conditioning.to(self.pipeline.model.device), steps=steps,
-                                 guidance_scale=guidance, seed=frame_seed)[0]
-
-        story = StoryGenerator(self.aligner, draw, self.cfg.aligner.context_window).stream(captions, seed=seed)
+        story = StoryGPTPipeline(self.cfg, self.aligner, self.pipeline).stream(captions, seed, steps, guidance)
         return np.stack([frame.image for frame in story])

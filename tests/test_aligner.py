@@ -62,7 +62,7 @@ def examples(aligner) -> list[dict]:
     return story_examples(_frames(aligner))
 
 
-def _pattern(conditioning: torch.Tensor, seed: int) -> np.ndarray:
+def _pattern(conditioning: torch.Tensor, seed: int, caption: str = "") -> np.ndarray:
     """A cheap deterministic 'Char-LDM': the frame depends on the seed only, so cached and
     recomputed runs feed back the very same images."""
     return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -289,7 +289,7 @@ def test_a_story_longer_than_the_context_runs_in_a_bounded_window(aligner):
 def test_stream_yields_each_frame_before_computing_the_next(aligner):
     drawn = []
 
-    def draw(conditioning, seed):
+    def draw(conditioning, seed, caption):
         drawn.append(seed)
         assert conditioning.shape == (1, 77, aligner.out_dim)
         return _pattern(conditioning, seed)

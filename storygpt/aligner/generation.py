@@ -51,12 +51,13 @@ class StoryGenerator:
     def __init__(
         self,
         aligner: StoryAligner,
-        draw: Callable[[torch.Tensor, int], np.ndarray],
+        draw: Callable[[torch.Tensor, int, str], np.ndarray],
         context_window: int | None = None,
         use_cache: bool = True,
     ):
-        """``draw(conditioning (1, L, d), seed)`` renders a frame (a ``CharLDMPipeline`` called with
-        ``conditioning=``); ``context_window``: tokens kept (None: the LM's context); ``use_cache``
+        """``draw(conditioning (1, L, d), seed, caption)`` renders a frame (a ``CharLDMPipeline``
+        called with ``conditioning=`` and the caption as ``plain_captions=``, which only delayed
+        conditioning reads); ``context_window``: tokens kept (None: the LM's context); ``use_cache``
         off recomputes the whole kept context for each frame (the official code's way).
         Inspectable: ``window``, ``story`` (the latest story's kept frames and cache),
         ``cache_length``, ``longest_context`` (the most tokens one LM call attended over)."""
@@ -91,21 +92,23 @@ class StoryGenerator:
 
     # ------------------------------------------------------------------------- frames
     def _draw_captions(self, story: _Story, captions: list[str], seed: int) -> Iterator[GeneratedFrame]:
-        for ids in self.aligner.tokenize(captions):
-            yield self._frame(story, ids, seed)
+        for caption, ids in zip(captions, self.aligner.tokenize(captions)):
+            yield self._frame(story, ids, seed, caption=caption)
 
     @torch.no_grad()
-    def _frame(self, story: _Story, ids: list[int], seed: int, written: bool = False) -> GeneratedFrame:
+    def _frame(self, story: _Story, ids: list[int], seed: int, written: bool = False,
+               caption: str | None = None) -> GeneratedFrame:
+        """``caption``: the text as given (default: ``ids`` decoded, for a caption the LM wrote)."""
         a = self.aligner
         ids = ids[: self.window - len(a.bos) - self.r]  # a caption longer than the whole window
         self._fit(story, len(ids) + self.r)
         hidden = self._run(story, cat([tokens(ids), img_tokens(self.r)]), commit=self.use_cache)
         conditioning = a.conditioning(hidden[:, -self.r:])  # (1, L, d)
-        frame = self.draw(conditioning, seed + story.drawn)
+        text = caption if caption is not None else a.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        frame = self.draw(conditioning, seed + story.drawn, text)
         story.frames.append((ids, a.frame_features([frame])[0]))
         story.drawn += 1
-        return GeneratedFrame(story.drawn - 1, a.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                              conditioning[0].float().cpu(), frame, written)
+        return GeneratedFrame(story.drawn - 1, text, conditioning[0].float().cpu(), frame, written)
 
     @torch.no_grad()
     def _write(self, story: _Story) -> list[int]:

@@ -2,7 +2,10 @@
 (B, 77, d) conditioning such as the aligner's, → frames.
 
 Classifier-free guidance against the empty caption, DDIM or PNDM built from the training noise
-schedule; the same seed gives the same frames. :meth:`CharLDMPipeline.attention_maps` shows where
+schedule; the same seed gives the same frames. With ``char_ldm.delayed_conditioning`` > 0 the
+first share of the steps is conditioned on the plain caption (FastComposer's delayed subject
+conditioning, as the official evaluation draws): the early steps lay out the frame and its
+background, the fused or the LM's conditioning then draws who is in it. :meth:`CharLDMPipeline.attention_maps` shows where
 each character's token attends (the paper's Fig. 5) for logging.
 """
 
@@ -62,6 +65,17 @@ class CharLDMPipeline:
         return model.encode_prompts(ids, mode, *inputs)
 
     @torch.no_grad()
+    def encode_plain(self, captions: list[str]) -> torch.Tensor:
+        """(B, 77, d): the captions' CLIP states without fusion (the text-only conditioning)."""
+        ids = tokenize(self.model.tokenizer, captions).to(self.model.device)
+        mode = torch.full((len(captions),), int(Conditioning.TEXT), device=self.model.device)
+        return self.model.encode_prompts(ids, mode)
+
+    def _early(self, plain_captions: list[str] | None) -> torch.Tensor | None:
+        """The delayed-conditioning steps' conditioning, when the preset asks for them."""
+        return self.encode_plain(plain_captions) if plain_captions and self.cfg.delayed_conditioning > 0 else None
+
+    @torch.no_grad()
     def __call__(
         self,
         captions: list[str] | None = None,
@@ -72,13 +86,16 @@ class CharLDMPipeline:
         guidance_scale: float | None = None,
         seed: int = 0,
         table: CharacterTable | None = None,
+        plain_captions: list[str] | None = None,
     ) -> list[np.ndarray]:
-        """One (R, R, 3) uint8 frame per caption (or per row of ``conditioning``)."""
+        """One (R, R, 3) uint8 frame per caption (or per row of ``conditioning``). ``plain_captions``:
+        the text of the delayed-conditioning steps (default: ``captions``)."""
         if conditioning is None:
             if captions is None:
                 raise ValueError("give captions or a conditioning")
             conditioning = self.encode(captions, characters, reference_images, table)
-        return self._sample(conditioning, steps, guidance_scale, seed)
+        early = self._early(plain_captions or captions)
+        return self._sample(conditioning, steps, guidance_scale, seed, early=early)
 
     @torch.no_grad()
     def sample(
@@ -87,6 +104,7 @@ class CharLDMPipeline:
         seeds: list[int],
         steps: int | None = None,
         guidance_scales: list[float] | float | None = None,
+        plain_captions: list[str] | None = None,
     ) -> list[np.ndarray]:
         """Frames for B independent requests in one UNet pass per step: row b of ``conditioning``
         (B, L, d) with its own seed and guidance scale. Row b's starting noise is exactly what
@@ -99,7 +117,7 @@ class CharLDMPipeline:
             guidance_scales = [self.cfg.guidance_scale if guidance_scales is None else float(guidance_scales)] * len(seeds)
         if len(guidance_scales) != len(seeds):
             raise ValueError(f"{len(seeds)} seeds but {len(guidance_scales)} guidance scales")
-        return self._sample(conditioning, steps, list(guidance_scales), list(seeds))
+        return self._sample(conditioning, steps, list(guidance_scales), list(seeds), early=self._early(plain_captions))
 
     @torch.no_grad()
     def attention_maps(
@@ -144,9 +162,11 @@ class CharLDMPipeline:
         guidance_scale: float | list[float] | None,
         seed: int | list[int],
         on_step: Callable[[dict[str, torch.Tensor], int], None] | None = None,
+        early: torch.Tensor | None = None,
     ) -> list[np.ndarray]:
         """``seed``: one generator for the whole batch, or one seed per row (:meth:`sample`);
-        ``guidance_scale``: one for all rows, or one per row (rows at <= 1 get no guidance)."""
+        ``guidance_scale``: one for all rows, or one per row (rows at <= 1 get no guidance);
+        ``early``: the conditioning of the first ``delayed_conditioning`` share of the steps."""
         model, device = self.model, self.model.device
         steps = steps or self.cfg.sample_steps
         guidance = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
@@ -157,11 +177,13 @@ class CharLDMPipeline:
             per_row = torch.where(per_row > 1, per_row, torch.ones_like(per_row))
             guidance = per_row if bool((per_row > 1).any()) else 1.0
         conditioning = conditioning.to(device, model.unet.dtype)
+        early_steps = round(self.cfg.delayed_conditioning * steps) if early is not None else 0
+        early = (early if early_steps else conditioning).to(device, model.unet.dtype)
         if isinstance(guidance, torch.Tensor) or guidance > 1:
             empty = model.empty_ids.expand(batch, -1)
             mode = torch.full((batch,), int(Conditioning.UNCONDITIONAL), device=device)
-            unconditional = model.encode_prompts(empty, mode)
-            conditioning = torch.cat([unconditional.to(conditioning.dtype), conditioning])
+            unconditional = model.encode_prompts(empty, mode).to(conditioning.dtype)
+            conditioning, early = torch.cat([unconditional, conditioning]), torch.cat([unconditional, early])
         sampler = SAMPLERS[self.cfg.sampler].from_config(model.noise_scheduler.config)
         sampler.set_timesteps(steps, device=device)
         latent_size = self.cfg.resolution // 2 ** (len(model.vae.config.block_out_channels) - 1)
@@ -177,12 +199,13 @@ class CharLDMPipeline:
         latents = latents * sampler.init_noise_sigma
         bf16 = self.cfg.mixed_precision == "bf16" and device.type == "cuda"
         guided = isinstance(guidance, torch.Tensor) or guidance > 1
-        for t in sampler.timesteps:
+        for i, t in enumerate(sampler.timesteps):
             x = torch.cat([latents] * 2) if guided else latents
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
                     model.attention.capturing(on_step is not None) as store:
                 x = sampler.scale_model_input(x, t).to(conditioning.dtype)
-                pred = model.unet(x, t, conditioning).sample.float()  # ε or v: the sampler knows which
+                condition = early if i < early_steps else conditioning
+                pred = model.unet(x, t, condition).sample.float()  # ε or v: the sampler knows which
                 if on_step is not None:
                     on_step(store.maps, len(x))
             if guided:

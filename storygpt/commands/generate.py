@@ -36,14 +36,14 @@ def run(args) -> int:
         raise ConfigError("--caption: give at least one caption")
     if args.continue_frames < 0:
         raise ConfigError(f"--continue: expected K >= 0, got {args.continue_frames}")
-    generator = build_story_generator(cfg, args.char_ldm, args.aligner)
+    story = build_story_pipeline(cfg, args.char_ldm, args.aligner)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started, frames = time.perf_counter(), []
     if args.continue_frames:
-        stream = generator.continue_story(args.caption, args.continue_frames, seed=args.seed)
+        stream = story.continue_story(args.caption, args.continue_frames, seed=args.seed)
     else:
-        stream = generator.stream(args.caption, seed=args.seed)
+        stream = story.stream(args.caption, seed=args.seed)
     for frame in stream:
         path = out / f"frame_{frame.index:02d}.png"
         Image.fromarray(frame.image).save(path)
@@ -58,19 +58,10 @@ def run(args) -> int:
     return 0
 
 
-def build_story_generator(cfg, char_ldm_dir=None, aligner_dir=None, device: str = "cpu"):
-    """The trained aligner + Char-LDM sampler behind a :class:`StoryGenerator`."""
-    import torch
-
-    from storygpt.aligner.generation import StoryGenerator
-    from storygpt.aligner.model import StoryAligner
-    from storygpt.char_ldm.pipeline import CharLDMPipeline
+def build_story_pipeline(cfg, char_ldm_dir=None, aligner_dir=None, device: str = "cpu"):
+    """The trained aligner and Char-LDM (given dirs, else the preset's, else the latest exports)."""
     from storygpt.models.trained import trained_dir
+    from storygpt.pipeline import StoryGPTPipeline
 
-    pipeline = CharLDMPipeline.from_config(cfg, trained_dir(cfg, "char_ldm", char_ldm_dir), device=device)
-    aligner = StoryAligner.from_config(cfg, trained_dir(cfg, "aligner", aligner_dir)).to(device).eval()
-
-    def draw(conditioning: torch.Tensor, seed: int) -> np.ndarray:
-        return pipeline(conditioning=conditioning.to(device), seed=seed)[0]
-
-    return StoryGenerator(aligner, draw, cfg.aligner.context_window)
+    return StoryGPTPipeline.from_pretrained(cfg, trained_dir(cfg, "char_ldm", char_ldm_dir),
+                                            trained_dir(cfg, "aligner", aligner_dir), device)

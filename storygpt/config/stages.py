@@ -73,6 +73,9 @@ class CharLDMConfig(Section):
     sample_steps: int = Field(gt=0)
     guidance_scale: float = Field(ge=1)
     sampler: Literal["ddim", "pndm"]
+    delayed_conditioning: float = Field(ge=0, le=1, description=(
+        "share of the sampling steps conditioned on the plain caption (no fusion, no LM) before the fused or "
+        "the LM's conditioning takes over; 0: the paper's text; the official code uses 0.5"))
     log_every: int = Field(ge=1, description="steps between metric logs")
     sample_every: int = Field(ge=1, description="steps between sample grids + attention maps")
 

@@ -35,25 +35,24 @@ class StoryDrawer:
         self.cfg, self.references = cfg, references
         self.steps, self.guidance = cfg.evaluate.sample_steps, cfg.evaluate.guidance_scale
         self.pipeline = CharLDMPipeline.from_config(cfg, char_ldm_dir, device=device)
-        self.generator = None
+        self.story = None
         if aligner_dir is not None:
-            from storygpt.aligner.generation import StoryGenerator
             from storygpt.aligner.model import StoryAligner
+            from storygpt.pipeline import StoryGPTPipeline
 
             aligner = StoryAligner.from_config(cfg, aligner_dir).to(device).eval()
-            self.generator = StoryGenerator(aligner, self._draw_conditioning, cfg.aligner.context_window)
+            self.story = StoryGPTPipeline(cfg, aligner, self.pipeline)
 
     def draw(self, row: str, frames: list[dict], seed: int) -> list[np.ndarray]:
         """One image per frame of the story (frame k with seed ``seed + k``)."""
         method, field = parse_row(row)
         captions = [f[field] for f in frames]
         if method == "storygpt":
-            if self.generator is None:
+            if self.story is None:
                 raise ValueError(f"row {row!r} needs the trained aligner")
-            return [frame.image for frame in self.generator.stream(captions, seed=seed)]
+            # no reference images: every StoryGPT-V frame is the LM's, as in the paper
+            return [frame.image for frame in self.story.stream(captions, seed, self.steps, self.guidance)]
         names = sorted(self.references)  # fuse whichever of them a caption names
         return [self.pipeline([c], [names], self.references, steps=self.steps, guidance_scale=self.guidance,
                               seed=seed + k)[0] for k, c in enumerate(captions)]
 
-    def _draw_conditioning(self, conditioning, seed: int) -> np.ndarray:
-        return self.pipeline(conditioning=conditioning, steps=self.steps, guidance_scale=self.guidance, seed=seed)[0]
