@@ -26,6 +26,7 @@ from storygpt.char_ldm.encoders import (
     sample_conditioning,
     train_last_vision_layers,
 )
+from storygpt.char_ldm.export import check_index, write_index
 from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.latents import to_latent_space
 from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
@@ -78,7 +79,11 @@ class CharLDM(nn.Module):
                               f"(PNDM has none), got {cfg.char_ldm.sampler!r}")
         tokenizer, text_encoder = load_clip_text(cfg.require_dir("models.clip_text"), dtype)
         image_processor, vision = load_clip_vision(cfg.require_dir("models.clip_vision"), dtype)
+        vae = load_vae(cfg.require_dir("models.vae"), dtype)
         trained = Path(trained_dir) if trained_dir is not None else None
+        if trained:  # the preset must be the one the export was trained under (before the UNet loads)
+            check_index(trained, cfg, dict(scheduler.config), {
+                "vae": dict(vae.config), "clip_text": text_encoder.config.to_dict(), "clip_vision": vision.config.to_dict()})
         unet = load_unet(trained / "unet" if trained else cfg.require_dir("models.unet"), dtype)
         if trained:
             fuser = CharacterFuser(**json.loads(_require(trained / "fuser", CONFIG).read_text()))
@@ -87,14 +92,15 @@ class CharLDM(nn.Module):
         else:
             fuser = CharacterFuser(text_encoder.config.hidden_size, vision.config.projection_dim)
         fuser.to(dtype)
-        vae = load_vae(cfg.require_dir("models.vae"), dtype)
         return cls(cfg.char_ldm, vae, unet, text_encoder, tokenizer, image_processor, vision, fuser, scheduler)
 
     def save_trained(self, out_dir: str | Path) -> None:
         """``unet/`` (diffusers), ``fuser/`` and ``vision/`` (its trained tensors only), each
-        safetensors + config.json; :meth:`from_config` with ``trained_dir`` reads them back."""
+        safetensors + config.json, and the index that says what they were trained with
+        (:mod:`storygpt.char_ldm.export`); :meth:`from_config` with ``trained_dir`` reads them back."""
         out = Path(out_dir)
         self.unet.save_pretrained(out / "unet")
+        write_index(self, out)
         _save_weights(self.fuser.state_dict(), out / "fuser",
                       {"text_dim": self.fuser.text_dim, "vision_dim": self.fuser.vision_dim})
         trained_vision = {n: p for n, p in self.vision.named_parameters() if p.requires_grad}

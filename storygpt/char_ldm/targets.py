@@ -27,6 +27,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 from storygpt.char_ldm.data import collate, reference_character_inputs, tokenize
 from storygpt.char_ldm.encoders import Conditioning, encode_prompts, train_last_vision_layers
 from storygpt.char_ldm.fuser import CharacterFuser
+from storygpt.char_ldm.export import check_index
 from storygpt.char_ldm.model import CONFIG, _load_weights, _require
 from storygpt.config import StoryConfig
 from storygpt.data.characters import CharacterTable
@@ -78,6 +79,8 @@ class StageTwoTargets:
         self.cfg, self.seed, self.device = cfg.char_ldm, cfg.seed, torch.device(device)
         self.tokenizer, self.text_encoder = load_clip_text(cfg.require_dir("models.clip_text"))
         self.image_processor, self.vision = load_clip_vision(cfg.require_dir("models.clip_vision"))
+        check_index(trained, cfg, None, {"clip_text": self.text_encoder.config.to_dict(),
+                                         "clip_vision": self.vision.config.to_dict()})
         train_last_vision_layers(self.vision, self.cfg.trainable_vision_layers)  # the layout save_trained wrote
         _load_weights(self.vision, trained / "vision", strict=False)
         self.fuser = CharacterFuser(**json.loads(_require(trained / "fuser", CONFIG).read_text()))
