@@ -94,13 +94,14 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
     truth = {r["id"]: r for r in scored if r["row"] == GROUND_TRUTH}
     real = lambda frames: np.stack([truth[f["id"]]["feature"] for f in frames])  # noqa: E731
     results: dict[str, dict] = {}
-    results[GROUND_TRUTH] = summarize([truth[i] for i in frame_ids], None)
+    results[GROUND_TRUTH] = summarize([truth[i] for i in frame_ids], None)  # human captions only: no self-reference
+    truth_captions = {i: r["generated_caption"] for i, r in truth.items()}
     long_results: dict[str, dict[int, dict]] = {}
     for row in ev.rows:
         for n in runs:
             frames = sorted((r for r in scored if r["row"] == row and r["length"] == n),
                             key=lambda r: (r["story_id"], r["frame_index"]))
-            figures = summarize(frames, real(frames))  # FID at every length, as Table 5
+            figures = summarize(frames, real(frames), truth_captions)  # FID at every length, as Table 5
             if n == story_frames:
                 results[row] = figures
             key = "det_char_acc" if "det_char_acc" in figures else "char_acc"

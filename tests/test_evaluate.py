@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from storygpt.evaluation.metrics import caption_scores, frechet_distance
-from storygpt.evaluation.report import markdown
+from storygpt.evaluation.report import markdown, summarize
 from storygpt.evaluation.stories import split_stories
 
 
@@ -38,6 +38,20 @@ def test_caption_scores_reward_the_right_caption():
     assert same["cider"] > 1.0 > wrong["cider"]
 
 
+def test_bleu_and_cider_take_the_captioners_captions_of_the_real_frames_as_references():
+    """Paper appendix C.1: a generated frame's caption against the captioner's caption of the
+    ground-truth frame; the human caption gives the named extra columns."""
+    frames = [{"id": i, "characters": ["Ada"], "setting": "beach", "pred_characters": ["Ada"], "pred_setting": None,
+               "detected_characters": None, "caption": human, "generated_caption": said}
+              for i, human, said in (("a", "Ada waves hello on the beach.", "ada is standing on the beach"),
+                                     ("b", "Bruno reads a book in the kitchen.", "bruno is standing in the kitchen"))]
+    truth = {"a": "ada is standing on the beach", "b": "bruno is standing in the kitchen"}
+    figures = summarize(frames, None, truth)
+    assert figures["bleu4"] == pytest.approx(1.0, abs=1e-6) and figures["bleu4_human"] < 0.5
+    assert figures["cider"] > figures["cider_human"]
+    assert "bleu4" not in summarize(frames, None)  # the ground-truth row: human captions only
+
+
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(200, 16))
@@ -56,8 +70,9 @@ def test_table_one_has_the_papers_columns_and_a_long_story_table():
                     5, detector=True)
     header, _, row, truth, *rest = text.splitlines()
     assert header.startswith("| Method | Captions | Char-Acc ↑ | Char-F1 ↑ | BG-Acc ↑ | BG-F1 ↑ | FID ↓ | BLEU4 ↑ "
-                             "| CIDEr ↑ | Det. Char-Acc ↑")
-    assert row.startswith("| Char-LDM | original | 90.36 | 95.76 | 58.36 | 63.92 | 21.13 | 0.5260 | 1.8361 | 50.00")
+                             "| CIDEr ↑ | BLEU4 (human) ↑ | CIDEr (human) ↑ | Det. Char-Acc ↑")
+    assert row.startswith("| Char-LDM | original | 90.36 | 95.76 | 58.36 | 63.92 | 21.13 | 0.5260 | 1.8361 | – | – "
+                          "| 50.00")
     assert truth.startswith("| Ground truth | – | 100.00 | – |")
     assert "| StoryGPT-V | referential | 80.00 | 70.00 |" in rest  # Table 5: Char-Acc ...
     assert "| StoryGPT-V | referential | 30.00 | 41.50 |" in rest  # ... and FID by story length

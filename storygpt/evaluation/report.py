@@ -15,14 +15,20 @@ LABELS = {"char_ldm": "Char-LDM", "storygpt": "StoryGPT-V", "ground_truth": "Gro
           "most_frequent": "Most frequent (chance)"}
 COLUMNS = [("char_acc", "Char-Acc ↑", "pct"), ("char_f1", "Char-F1 ↑", "pct"), ("bg_acc", "BG-Acc ↑", "pct"),
            ("bg_f1", "BG-F1 ↑", "pct"), ("fid", "FID ↓", "fid"), ("bleu4", "BLEU4 ↑", "dec"),
-           ("cider", "CIDEr ↑", "dec")]
+           ("cider", "CIDEr ↑", "dec"), ("bleu4_human", "BLEU4 (human) ↑", "dec"),
+           ("cider_human", "CIDEr (human) ↑", "dec")]
 DETECTOR_COLUMNS = [("det_char_acc", "Det. Char-Acc ↑", "pct"), ("det_char_f1", "Det. Char-F1 ↑", "pct"),
                     ("det_bg_acc", "Det. BG-Acc ↑", "pct")]
 
 
-def summarize(frames: list[dict], real_features: np.ndarray | None) -> dict[str, float]:
-    """One row's figures from its scored frames (each: the record's ``characters``, ``setting``,
-    ``caption`` beside the scorer's outputs). ``real_features``: the ground truth's, for FID."""
+def summarize(frames: list[dict], real_features: np.ndarray | None,
+              truth_captions: dict[str, str] | None = None) -> dict[str, float]:
+    """One row's figures from its scored frames (each: the record's ``id``, ``characters``,
+    ``setting``, ``caption`` beside the scorer's outputs). ``real_features``: the ground truth's,
+    for FID. ``truth_captions``: the captioner's caption of each ground-truth frame by id, the
+    references of BLEU4 / CIDEr as the paper scores them (appendix C.1: a generated frame's
+    caption against the captioner's captions of the real frame, not the human caption); the
+    human-caption variant is kept as ``bleu4_human`` / ``cider_human``."""
     truth = [f["characters"] for f in frames]
     out = {"frames": len(frames)}
     out.update(_prefixed("char_", character_scores([f["pred_characters"] for f in frames], truth)))
@@ -33,8 +39,11 @@ def summarize(frames: list[dict], real_features: np.ndarray | None) -> dict[str,
         out["det_bg_acc"] = setting_scores([f["detected_setting"] for f in frames], [f["setting"] for f in frames])["acc"]
     if real_features is not None:
         out["fid"] = frechet_distance(real_features, np.stack([f["feature"] for f in frames]))
-    out.update(caption_scores({str(k): [f["caption"]] for k, f in enumerate(frames)},
-                              {str(k): f["generated_caption"] for k, f in enumerate(frames)}))
+    generated = {str(k): f["generated_caption"] for k, f in enumerate(frames)}
+    out.update(_prefixed("", caption_scores({str(k): [f["caption"]] for k, f in enumerate(frames)}, generated),
+                         suffix="_human"))
+    if truth_captions is not None:
+        out.update(caption_scores({str(k): [truth_captions[f["id"]]] for k, f in enumerate(frames)}, generated))
     return out
 
 
@@ -74,8 +83,8 @@ def markdown(results: dict[str, dict], long_results: dict[str, dict[int, dict]],
     return "\n".join(lines) + "\n"
 
 
-def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
-    return {prefix + k: v for k, v in scores.items()}
+def _prefixed(prefix: str, scores: dict[str, float], suffix: str = "") -> dict[str, float]:
+    return {prefix + k + suffix: v for k, v in scores.items()}
 
 
 def _cell(value: float | None, kind: str) -> str:
