@@ -4,10 +4,11 @@ Every request is checked here (:mod:`serving.api`) before a model deployment see
 refusal is a 4xx whose JSON ``detail`` names the field, and nothing a client sends takes the
 server down. With an API key set (``serve.api_key`` or ``$STORYGPT_API_KEY``) every ``/v1/stories``
 call needs the header ``X-API-Key``; ``/``, ``/healthz``, ``/v1/info`` and the docs stay open
-(they reveal no model output).
+(they reveal no model output). Key, body cap and body deadline, security headers and HEAD:
+:mod:`serving.edge`. An unexpected failure answers a generic 500 with an error id; the detail
+goes to the replica's log under that id.
 """
 
-import hmac
 import json
 import os
 import time
@@ -21,10 +22,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.api import (ContinueRequest, RequestError, StoryJob, StoryRequest, check_continuation, check_story,
-                         describe_errors, error_body)
+                         describe_errors)
+from serving.edge import API_KEY_HEADER, SECURITY_HEADERS, EdgeGuard, Settings, internal_error, page_csp
 
-API_KEY_HEADER = "X-API-Key"
-PROTECTED_PREFIX = "/v1/stories"
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
 
 app = FastAPI(
@@ -36,24 +36,12 @@ app = FastAPI(
                 f"With an API key configured, `/v1/stories*` needs the `{API_KEY_HEADER}` header.",
 )
 api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required when the server has a key")
-
-
-
-class _Settings:
-    """What the middleware enforces, set by the replica's constructor (one ingress per process).
-    A class, so the app Serve pickles at decoration time and the replica share it (by reference)."""
-
-    api_key: str | None = None
-    max_body_bytes: int | None = None
+app.add_middleware(EdgeGuard)  # key, body cap and deadline before the route reads a byte; headers; HEAD
 
 
 def _event(name: str, data: dict) -> str:
     """One server-sent event."""
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
-
-
-def _json_error(status: int, errors: list[tuple[str, str]]) -> JSONResponse:
-    return JSONResponse(error_body(errors), status_code=status)
 
 
 @app.exception_handler(RequestValidationError)
@@ -69,20 +57,9 @@ async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
 
 @app.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
-
-
-@app.middleware("http")
-async def _guard(request: Request, call_next):
-    """API key and body size, before anything reads the body."""
-    if PROTECTED_PREFIX in request.url.path:  # under any route prefix
-        key = _Settings.api_key
-        if key and not hmac.compare_digest(request.headers.get(API_KEY_HEADER, "").encode(), key.encode()):
-            return _json_error(401, [(API_KEY_HEADER, "missing or wrong API key (header X-API-Key)")])
-        limit, length = _Settings.max_body_bytes, request.headers.get("content-length")
-        if limit and length and length.isdigit() and int(length) > limit:
-            return _json_error(413, [("body", f"request body larger than {limit} bytes")])
-    return await call_next(request)
+    # sent from outside every middleware (Starlette's ServerErrorMiddleware): the headers come with it
+    return JSONResponse(internal_error(f"{request.method} {request.url.path}", exc), status_code=500,
+                        headers=SECURITY_HEADERS)
 
 
 @serve.deployment(name="StoryAPI")
@@ -98,15 +75,17 @@ class StoryAPI:
         self.defaults = (config.char_ldm.sample_steps, config.char_ldm.guidance_scale)
         self.resolution = config.char_ldm.resolution
         limits = self.limits
-        _Settings.api_key = api_key or config.serve.api_key or os.environ.get("STORYGPT_API_KEY") or None
+        Settings.api_key = api_key or config.serve.api_key or os.environ.get("STORYGPT_API_KEY") or None
+        Settings.body_timeout_s = limits.body_timeout_s
         # every reference image at its largest, base64-inflated, plus the captions and JSON around them
-        _Settings.max_body_bytes = (limits.max_reference_images * (4 * limits.max_image_bytes // 3 + 64)
-                                       + limits.max_frames * (limits.max_caption_chars * 4 + 16) + 65536)
+        Settings.max_body_bytes = (limits.max_reference_images * (4 * limits.max_image_bytes // 3 + 64)
+                                  + limits.max_frames * (limits.max_caption_chars * 4 + 16) + 65536)
 
     # ------------------------------------------------------------------------- pages
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> HTMLResponse:
-        return HTMLResponse(WEB_PAGE.read_text())
+        html = WEB_PAGE.read_text()
+        return HTMLResponse(html, headers={"Content-Security-Policy": page_csp(html)})
 
     @app.get("/healthz", summary="liveness: the ingress answers (open even with an API key)")
     def healthz(self) -> dict:
@@ -116,7 +95,8 @@ class StoryAPI:
     def info(self) -> dict:
         return {"limits": self.limits.model_dump(), "characters": self.table.names,
                 "defaults": {"steps": self.defaults[0], "guidance": self.defaults[1], "seed": 0},
-                "resolution": self.resolution, "api_key_required": bool(_Settings.api_key)}
+                "resolution": self.resolution, "api_key_required": bool(Settings.api_key),
+                "max_body_bytes": Settings.max_body_bytes}
 
     # ------------------------------------------------------------------------- stories
     @app.post("/v1/stories", summary="draw a story: one frame per caption",
@@ -151,7 +131,7 @@ class StoryAPI:
                 count += 1
                 yield _event("frame", frame)
         except Exception as err:  # the stream has started (200 sent): report in band
-            yield _event("error", {"detail": f"generation failed: {type(err).__name__}: {err}"})
+            yield _event("error", internal_error("stream", err))
             return
         yield _event("done", {"count": count, **self._summary(job, started)})
 

@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 STORY = ["Emma waves hello in the forest.", "Later, she sits down with Bruno.", "They eat lunch."]
+BODY_TIMEOUT_S = 5  # serve.limits.body_timeout_s of the served app: short, so the 408 test is quick
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -66,7 +67,8 @@ def server(ray_local, repo, tiny_work, tmp_path_factory):
     from serving.app import build_app
     from serving.command import start
 
-    cfg = served_config(repo, tiny_work, tmp_path_factory.mktemp("serve-work"))
+    cfg = served_config(repo, tiny_work, tmp_path_factory.mktemp("serve-work"),
+                        [f"serve.limits.body_timeout_s={BODY_TIMEOUT_S}"])
     url = start(build_app(cfg), "127.0.0.1", free_port(), ray_init=False)
     yield url, cfg
     serve.shutdown()

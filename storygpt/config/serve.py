@@ -39,6 +39,8 @@ class ServeLimits(Section):
     max_reference_images: int = Field(ge=0)
     max_image_bytes: int = Field(ge=1, description="one decoded reference image")
     max_image_side: int = Field(ge=1, description="reference image width/height in pixels")
+    body_timeout_s: float = Field(default=10.0, gt=0, description="seconds a client has to send a whole "
+                                  "request body (a slow or stalled upload gets 408 and frees its slot)")
 
 
 class ServeConfig(Section):

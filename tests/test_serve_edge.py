@@ -1,0 +1,223 @@
+"""The ingress's edge (serving/edge.py) over real HTTP on 127.0.0.1, on test_serve's running app:
+the body cap whatever the transfer encoding, the body deadline, HEAD, security headers and the
+page's CSP, and no internal detail in a 500 or a stream's error event."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import re
+import select
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from test_serve import BODY_TIMEOUT_S, STORY, post, server  # noqa: F401  (the module's running app)
+
+SECURITY = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY"}
+MIB = 1 << 20
+
+
+def _head(path: str, **headers: str) -> str:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+             *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items())]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+def _exchange(url: str, head: str, parts=(), timeout: float = 60) -> tuple[int, dict, float]:
+    """Send ``head``, then each of ``parts`` until the server answers or stops reading; the status,
+    the JSON body and the seconds from the head to the answer."""
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=timeout) as sock:
+        started = time.perf_counter()
+        sock.sendall(head.encode())
+        try:
+            for part in parts:
+                if select.select([sock], [], [], 0)[0]:  # answered (or closed): send no more
+                    break
+                sock.sendall(part)
+        except OSError:  # closed after answering: the answer is still there to read
+            pass
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read()), time.perf_counter() - started
+
+
+def _chunks(total: int, size: int = MIB):
+    """A chunked JSON-ish body of ``total`` bytes, never terminated (no zero-length chunk)."""
+    for _ in range(0, total, size):
+        yield b"%x\r\n" % size + b" " * size + b"\r\n"
+
+
+def _trickle(seconds: float, every: float = 0.5):
+    for _ in range(int(seconds / every)):
+        time.sleep(every)
+        yield b" "
+
+
+@pytest.mark.slow
+def test_chunked_body_over_the_cap_is_413_and_the_server_keeps_serving(server):
+    import requests
+
+    url, _ = server
+    cap = requests.get(url + "/v1/info", timeout=10).json()["max_body_bytes"]
+    assert cap and cap < 100 * MIB
+    # never terminated: a server that waited for the end would answer 408 after the deadline, not 413
+    status, body, _ = _exchange(url, _head("/v1/stories", Transfer_Encoding="chunked"), _chunks(cap + 2 * MIB))
+    assert status == 413 and body["field"] == "body" and str(cap) in body["detail"], body
+    # the Content-Length fast path: refused on the header, before any body (no deadline to wait for)
+    status, body, seconds = _exchange(url, _head("/v1/stories", Content_Length=str(cap + 1)))
+    assert status == 413 and body["field"] == "body" and seconds < BODY_TIMEOUT_S / 2, (body, seconds)
+    # a chunked body under the cap is read whole and served
+    connection = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=120)
+    connection.request("POST", "/v1/stories", body=iter([b'{"captions": ', json.dumps(STORY[:1]).encode(), b"}"]),
+                       headers={"Content-Type": "application/json"}, encode_chunked=True)
+    answer = connection.getresponse()
+    assert answer.status == 200 and len(json.loads(answer.read())["frames"]) == 1
+    connection.close()
+    r = post(url, "/v1/stories", {"captions": STORY[:2]})
+    assert r.status_code == 200 and len(r.json()["frames"]) == 2
+
+
+@pytest.mark.slow
+def test_a_stalled_or_trickled_body_is_408_within_the_deadline(server):
+    import requests
+
+    url, _ = server
+    head = _head("/v1/stories", Content_Length="1000")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stalled = pool.submit(_exchange, url, head + '{"captions"', ())  # 10 of 1000 bytes, then nothing
+        trickled = pool.submit(_exchange, url, head, _trickle(BODY_TIMEOUT_S + 10))  # a byte every 0.5 s
+        time.sleep(1)
+        started = time.perf_counter()
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200  # meanwhile, served at once
+        assert time.perf_counter() - started < 2
+        results = [stalled.result(), trickled.result()]
+    for status, body, seconds in results:
+        assert status == 408 and body["field"] == "body", body
+        assert f"within {BODY_TIMEOUT_S} s" in body["detail"]
+        # a deadline for the whole body: the trickle, never idle for long, is cut off at it too
+        assert 0.9 * BODY_TIMEOUT_S <= seconds < BODY_TIMEOUT_S + 5, seconds
+    assert requests.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_head_is_200_on_the_get_routes(server):
+    import requests
+
+    url, _ = server
+    for path in ("/", "/healthz", "/v1/info"):
+        r = requests.head(url + path, timeout=10)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
+        assert r.headers["content-type"] == requests.get(url + path, timeout=10).headers["content-type"]
+    assert requests.head(url + "/v1/stories", timeout=10).status_code == 405  # HEAD is GET: no way round POST
+
+
+@pytest.mark.slow
+def test_security_headers_on_every_response_and_a_csp_that_fits_the_page(server):
+    import requests
+
+    url, _ = server
+    answers = {path: requests.get(url + path, timeout=10) for path in ("/", "/healthz", "/v1/info", "/docs",
+                                                                       "/openapi.json", "/nothing")}
+    answers["422"] = post(url, "/v1/stories", {"captions": []})
+    answers["400"] = post(url, "/v1/stories", raw="{")
+    assert [answers[k].status_code for k in ("/nothing", "422", "400")] == [404, 422, 400]
+    for name, r in answers.items():
+        assert {k: r.headers.get(k) for k in SECURITY} == SECURITY, name
+    assert "content-security-policy" not in answers["/docs"].headers  # Swagger UI loads from a CDN
+    page, csp = answers["/"].text, answers["/"].headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+    blocks = {tag: re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S) for tag in ("script", "style")}
+    for tag, texts in blocks.items():  # what the browser checks: each inline block's hash is allowed
+        assert texts
+        directive = re.search(rf"{tag}-src ([^;]*)", csp).group(1)
+        for text in texts:
+            assert f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'" in directive
+    # nothing external to allow: every fetch, image and asset is same-origin or a data: URL
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//|@import|url\(\s*["']?(https?:)?//""", page)
+    assert not re.search(r"""fetch\(\s*["'`](https?:)?//""", page)
+
+
+@pytest.mark.slow
+def test_an_internal_error_is_a_generic_500_with_an_id_and_the_log_has_the_detail(server):
+    """A real remote failure (its RayTaskError carries the remote traceback, node and PID) behind
+    the real ingress, deployed beside the app under /broken."""
+    import ray
+    import requests
+    from ray import serve
+
+    from serving.ingress import StoryAPI
+
+    url, cfg = server
+    marker = "secret-detail-4f2a"
+
+    @serve.deployment(name="BrokenLLM", ray_actor_options={"num_cpus": 0})
+    class BrokenLLM:
+        async def generate(self, job):
+            raise RuntimeError(f"{marker} in /opt/model/weights.bin")
+
+        async def stream(self, job):
+            raise RuntimeError(f"{marker} in /opt/model/weights.bin")
+            yield  # an async generator, as the real one
+
+    data = cfg.resolved().model_dump(mode="json")
+    api = StoryAPI.options(ray_actor_options={"num_cpus": 0}).bind(BrokenLLM.bind(), data)
+    serve.run(api, name="edge-broken", route_prefix="/broken")
+    try:
+        r = post(url, "/broken/v1/stories", {"captions": STORY[:1]})
+        assert r.status_code == 500 and {k: r.headers.get(k) for k in SECURITY} == SECURITY
+        body = r.json()
+        assert body["field"] == "server" and re.fullmatch("[0-9a-f]{8}", body["error_id"])
+        assert body["error_id"] in body["detail"]
+        for leak in (marker, "Traceback", "RuntimeError", "RayTaskError", "pid=", "/opt/model", 'File "'):
+            assert leak not in r.text, leak
+        with requests.post(url + "/broken/v1/stories/stream", json={"captions": STORY[:1]}, stream=True,
+                           timeout=60) as streamed:
+            text = streamed.text
+        assert streamed.status_code == 200 and text.startswith("event: error\n") and text.count("event:") == 1
+        event = json.loads(text.split("data: ", 1)[1])
+        assert event["field"] == "server" and event["error_id"] != body["error_id"]
+        assert marker not in text and "Traceback" not in text
+        # the replica's log carries each id with the exception behind it (in its own record)
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+        for _ in range(30):
+            log = "\n".join(p.read_text(errors="replace") for p in logs.glob("replica_*.log"))
+            if all(f"internal error {i}" in log for i in (body["error_id"], event["error_id"])):
+                break
+            time.sleep(1)
+        for error_id in (body["error_id"], event["error_id"]):
+            record = log[log.index(f"internal error {error_id}"):]
+            record = re.split(r"\n(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-", record, maxsplit=1)[0]
+            assert marker in record and "Traceback" in record, record[:3000]
+    finally:
+        serve.delete("edge-broken")
+    assert post(url, "/v1/stories", {"captions": STORY[:1]}).status_code == 200
+
+
+def test_internal_error_body_is_generic_and_the_log_record_has_the_exception():
+    import logging
+
+    from serving.api import error_body
+    from serving.edge import internal_error, logger
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # on the logger itself: Serve may have turned its propagation off
+    logger.addHandler(handler)
+    try:
+        raise RuntimeError("node 10.0.0.7 pid 4242: /srv/secret.py")
+    except RuntimeError as caught:
+        err = caught
+        body = internal_error("POST /v1/stories", err)
+    finally:
+        logger.removeHandler(handler)
+    assert set(body) == set(error_body([("a", "b")])) | {"error_id"}
+    assert "10.0.0.7" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)
+    assert len(records) == 1 and body["error_id"] in records[0].getMessage() and records[0].exc_info[1] is err
