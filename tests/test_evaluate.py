@@ -146,3 +146,16 @@ def test_evaluate_job_draws_every_row_scores_it_and_writes_table_one(ray_local, 
     metrics = mlflow.get_run(out["run_id"]).data.metrics
     assert metrics["storygpt.referential.char_acc"] == pytest.approx(out["results"]["storygpt/referential"]["char_acc"])
     assert metrics["ground_truth.det_char_acc"] == pytest.approx(truth["det_char_acc"])
+
+
+def test_detected_accuracy_is_split_into_pronoun_and_named_frames():
+    def frame(caption, referential, drawn):
+        return {"id": caption, "characters": ["Ada"], "setting": "beach", "pred_characters": ["Ada"],
+                "pred_setting": None, "detected_characters": drawn, "detected_setting": "beach",
+                "caption": caption, "referential_caption": referential, "generated_caption": "ada"}
+
+    frames = [frame("Ada waves.", "She waves.", ["Ada"]), frame("Ada sits.", "She sits.", ["Bruno"]),
+              frame("Ada runs.", "Ada runs.", ["Ada"])]
+    figures = summarize(frames, None)
+    assert figures["det_char_acc_pronoun"] == 0.5 and figures["det_char_acc_named"] == 1.0
+    assert figures["det_char_acc"] == pytest.approx(2 / 3)

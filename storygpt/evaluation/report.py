@@ -37,6 +37,7 @@ def summarize(frames: list[dict], real_features: np.ndarray | None,
     if frames[0]["detected_characters"] is not None:
         out.update(_prefixed("det_char_", character_scores([f["detected_characters"] for f in frames], truth)))
         out["det_bg_acc"] = setting_scores([f["detected_setting"] for f in frames], [f["setting"] for f in frames])["acc"]
+        out.update(_by_frame_kind(frames))
     if real_features is not None:
         out["fid"] = frechet_distance(real_features, np.stack([f["feature"] for f in frames]))
     generated = {str(k): f["generated_caption"] for k, f in enumerate(frames)}
@@ -44,6 +45,19 @@ def summarize(frames: list[dict], real_features: np.ndarray | None,
                          suffix="_human"))
     if truth_captions is not None:
         out.update(caption_scores({str(k): [truth_captions[f["id"]]] for k, f in enumerate(frames)}, generated))
+    return out
+
+
+def _by_frame_kind(frames: list[dict]) -> dict[str, float]:
+    """Det. Char-Acc on the frames whose referential caption has a pronoun and on the others: the
+    first is what resolution buys, the second what the drawing path costs when nothing needs it."""
+    pronoun = [f.get("referential_caption") not in (None, f["caption"]) for f in frames]
+    out = {}
+    for name, kind in (("pronoun", True), ("named", False)):
+        subset = [f for f, p in zip(frames, pronoun) if p == kind]
+        if subset:
+            out[f"det_char_acc_{name}"] = character_scores([f["detected_characters"] for f in subset],
+                                                           [f["characters"] for f in subset])["acc"]
     return out
 
 
