@@ -23,7 +23,8 @@ STEPS, BATCH, LR = 200, 32, 2e-3
 
 @pytest.fixture(scope="module")
 def world(repo, tiny_work, tmp_path_factory):
-    """The tiny preset's 60-story world as records (240 train, 60 held-out frames), written by the
+    """The tiny preset's 60-story world as records (220 train, 80 held-out frames: whole episodes
+    per split), written by the
     preprocessing steps in a loop: the session's 10-story `records` hold 30 train frames, which a
     captioner memorises (held-out recall 0.1) rather than learns."""
     from storygpt.vision.prepare import records_in_process
@@ -95,7 +96,8 @@ def test_train_captioner_learns_to_name_the_characters(trained):
     from storygpt.evaluation.captioner import Captioner
 
     cfg, held_out, images, before, summary = trained
-    assert summary["built"] is False and summary["steps"] == STEPS and summary["frames"] == 240
+    train_frames = pq.read_table(cfg.path(cfg.preprocess.output) / "records" / "train.parquet").num_rows
+    assert summary["built"] is False and summary["steps"] == STEPS and summary["frames"] == train_frames == 220
     assert summary["last_loss"] < summary["first_loss"] / 4, summary  # measured 6.15 -> 0.58
 
     after = Captioner.from_config(cfg).caption(images)
@@ -104,8 +106,10 @@ def test_train_captioner_learns_to_name_the_characters(trained):
     print(f"loss {summary['first_loss']} -> {summary['last_loss']} in {summary['seconds']} s; held-out name "
           f"recall {recall_before:.2f} -> {recall_after:.2f} (precision {precision_after:.2f})")
     assert recall_before < 0.2
-    assert recall_after > 0.5 and recall_after > recall_before + 0.35  # measured 0.58 (episode world, 2026-12-07)
-    assert precision_after > 0.6
+    # measured recall 0.51, precision 0.60 on the world of 4-story episodes (0.58 / 0.6+ with 10-story
+    # ones, 2026-12-07); a captioner naming characters at random would be near 0.25 precision
+    assert recall_after > 0.4 and recall_after > recall_before + 0.35
+    assert precision_after > 0.5
     assert all(after)
 
 

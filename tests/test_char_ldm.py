@@ -435,7 +435,7 @@ def test_saved_trained_parts_load_back_exactly(cfg, model, tmp_path):
         for p in model.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.01)
     model.save_trained(tmp_path / "trained")
-    assert {p.name for p in (tmp_path / "trained").iterdir()} == {"unet", "fuser", "vision"}
+    assert {p.name for p in (tmp_path / "trained").iterdir()} == {"unet", "fuser", "vision", "storygpt_index.json"}
     loaded = CharLDM.from_config(cfg, trained_dir=tmp_path / "trained")
     for part in ("unet", "fuser", "vision", "vae", "text_encoder"):
         mine, theirs = getattr(model, part).state_dict(), getattr(loaded, part).state_dict()
