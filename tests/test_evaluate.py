@@ -159,3 +159,10 @@ def test_detected_accuracy_is_split_into_pronoun_and_named_frames():
     figures = summarize(frames, None)
     assert figures["det_char_acc_pronoun"] == 0.5 and figures["det_char_acc_named"] == 1.0
     assert figures["det_char_acc"] == pytest.approx(2 / 3)
+
+
+def test_caption_scores_survive_references_without_words():
+    """An untrained captioner's captions of the real frames are empty: the paper's references are
+    then wordless, and the scores are 0, not an error."""
+    scores = caption_scores({"a": [""], "b": [""]}, {"a": "ada waves", "b": ""})
+    assert scores["cider"] == 0.0 and scores["bleu4"] < 1e-6

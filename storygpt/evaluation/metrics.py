@@ -53,5 +53,8 @@ def caption_scores(references: dict[str, list[str]], candidates: dict[str, str])
     res = {k: [caption_tokens(candidates[k])] for k in gts}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints its counts
         bleu, _ = Bleu(4).compute_score(gts, res)
-        cider, _ = Cider().compute_score(gts, res)
+        # references without a single word (an untrained captioner's captions of the real frames)
+        # leave CIDEr's document frequencies empty, where pycocoevalcap fails: nothing can match
+        has_words = any(r.split() for refs in gts.values() for r in refs)
+        cider = Cider().compute_score(gts, res)[0] if has_words else 0.0
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
