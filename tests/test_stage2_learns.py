@@ -52,9 +52,10 @@ def test_the_aligner_resolves_references_at_the_papers_lambda(stage2):
     finally:
         torch.set_num_threads(threads)
     trained = curve[-1]
-    assert len(probe.sets["pronoun"]) == len(probe.sets["named"]) == 100
-    # measured (2026-12-07, 100 held-out frames each, the job's warm-up schedule): pronoun 0.64,
-    # named 0.56 after 1500 steps, chance 0.11
+    # up to 100 each: the val split's 40 stories hold 97 pronoun frames (episodes of 4 stories)
+    assert len(probe.sets["named"]) == 100 and 90 <= len(probe.sets["pronoun"]) <= 100
+    # measured (2026-12-07, the job's warm-up schedule, 1500 steps, chance 0.11): pronoun 0.34 and
+    # named 0.40 on the world of 4-story episodes (97 / 100 held-out frames); 0.64 / 0.56 with 10-story ones
     for kind in ("pronoun", "named"):
         chance = trained[f"reference_chance_{kind}"]
         assert trained[f"reference_accuracy_{kind}"] >= 2.5 * chance, (kind, trained)
