@@ -16,12 +16,8 @@ CAPTIONS = ["Ada and Bruno are at the beach.", "Gus sits down."]
 
 
 @pytest.fixture(scope="module")
-def model_and_cfg(repo, tmp_path_factory):
-    from storygpt.commands.zoo import build_zoo_quietly
-
-    work = tmp_path_factory.mktemp("delayed")
-    cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={work}"])
-    build_zoo_quietly(cfg, work / "zoo")
+def model_and_cfg(repo, tiny_work):
+    cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={tiny_work}"])  # the session's zoo
     torch.manual_seed(0)
     return CharLDM.from_config(cfg).eval(), cfg
 

@@ -16,12 +16,10 @@ from storygpt.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")
-def export(repo, tmp_path_factory):
-    from storygpt.commands.zoo import build_zoo_quietly
-
+def export(repo, tiny_work, tmp_path_factory):
+    """The session's zoo; the export and the variants go to a directory of this module's own."""
     work = tmp_path_factory.mktemp("export")
-    cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={work}"])
-    build_zoo_quietly(cfg, work / "zoo")
+    cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={tiny_work}"])
     torch.manual_seed(0)
     CharLDM.from_config(cfg).save_trained(work / "export")
     return cfg, work
@@ -31,7 +29,7 @@ def _variant(cfg, work, part: str, edit: dict):
     """A copy of a zoo part with ``edit`` in its config, and the preset pointing at it."""
     copy = work / f"{part}-variant"
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(work / "zoo" / part, copy)
+    shutil.copytree(cfg.path(getattr(cfg.models, part)), copy)
     name = "scheduler_config.json" if part == "scheduler" else "config.json"
     config = json.loads((copy / name).read_text())
     (copy / name).write_text(json.dumps({**config, **edit}))

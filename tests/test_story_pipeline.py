@@ -30,12 +30,8 @@ class RecordingCharLDM(CharLDMPipeline):
 
 
 @pytest.fixture(scope="module")
-def story(repo, tmp_path_factory):
-    from storygpt.commands.zoo import build_zoo_quietly
-
-    work = tmp_path_factory.mktemp("story_pipeline")
-    cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={work}"])
-    build_zoo_quietly(cfg, work / "zoo")
+def story(repo, tiny_work):
+    cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={tiny_work}"])  # the session's zoo
     torch.manual_seed(0)
     char_ldm = RecordingCharLDM(CharLDM.from_config(cfg).eval(), cfg)
     return StoryGPTPipeline(cfg, StoryAligner.from_config(cfg).eval(), char_ldm)
