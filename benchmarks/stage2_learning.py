@@ -70,6 +70,7 @@ class ReferenceProbe:
         import torch
 
         from storygpt.aligner.data import collate
+        from storygpt.aligner.losses import alignment_loss
         from storygpt.aligner.metrics import conditioning_cosine, reference_accuracy
 
         out = {}
@@ -82,8 +83,10 @@ class ReferenceProbe:
                                        for i in range(0, len(chosen), 32)])
                 accuracy, chance = reference_accuracy(predicted, self.candidates[kind])
                 cosine = conditioning_cosine(predicted, self.targets[kind])
+                target = self.targets[kind].view(predicted.shape)
                 out.update({f"reference_accuracy_{kind}": round(accuracy, 3), f"reference_chance_{kind}": round(chance, 3),
-                            f"cosine_{kind}": round(cosine, 4)})
+                            f"cosine_{kind}": round(cosine, 4),
+                            f"align_loss_{kind}": round(alignment_loss(predicted, target).item(), 3)})
         aligner.train()
         return out
 
@@ -94,14 +97,14 @@ def train(cfg, examples: list[dict], probe: ReferenceProbe, steps: int, eval_eve
 
     from storygpt.aligner.data import collate
     from storygpt.aligner.model import StoryAligner
-    from storygpt.char_ldm.training import warmup_lambda
+    from storygpt.char_ldm.training import stage_lr_lambda
 
     torch.manual_seed(cfg.seed)
     aligner = StoryAligner.from_config(cfg)
     stage = cfg.aligner
     optimizer = torch.optim.AdamW(aligner.trainable_parameters(), lr=stage.learning_rate,
                                   weight_decay=stage.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(stage.warmup_steps))  # the job's
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage_lr_lambda(stage))  # the job's
     rng = np.random.default_rng(cfg.seed)
     curve, start = [], time.perf_counter()
     aligner.train()
@@ -161,6 +164,8 @@ def draw_and_score(cfg, char_ldm: Path, aligner, test: list[list[dict]], referen
                          "target": s[k]["fused"]} for j, s in enumerate(test)]
             with torch.no_grad():
                 conditioning = aligner(collate(examples, aligner))["conditioning"]
+            if k == 0 and cfg.evaluate.first_frame == "char_ldm":  # as the evaluation draws frame 1
+                conditioning = pipeline.encode([e["captions"][0] for e in examples], [names] * len(examples), references)
             images = pipeline.sample(conditioning, [cfg.seed + 1000 * j + k for j in range(len(test))], steps, guidance)
             for j, (image, feature) in enumerate(zip(images, aligner.frame_features(images))):
                 features[j] = features[j] + [feature.tolist()]
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="default: aligner.max_steps")
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-frames", type=int, default=100, help="held-out frames per kind for reference accuracy")
-    parser.add_argument("--test-stories", type=int, default=30)
+    parser.add_argument("--test-stories", type=int, default=30, help="0: no drawing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", help="write the trained aligner's new parts here")
     parser.add_argument("--aligner", help="a trained aligner to score instead of training one")
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         aligner, curve = train(cfg, examples["train"], probe, steps, args.eval_every)
     if args.save:
         aligner.save_trained(args.save)
-    rows = draw_and_score(cfg, char_ldm, aligner, group_stories(targets["test"])[:args.test_stories], references)
+    test = group_stories(targets["test"])[:args.test_stories]
+    rows = draw_and_score(cfg, char_ldm, aligner, test, references) if test else {}
     emit({"benchmark": "stage2_learning", "config": Path(args.config).name, "overrides": args.set, "steps": steps,
           "gen_loss_weight": cfg.aligner.gen_loss_weight, "referential_rule": cfg.data.referential_rule,
           "curve": curve, "rows": rows, **decomposition(rows), "wall_s": round(time.perf_counter() - start, 1)})

@@ -169,16 +169,16 @@ def micro_batches(shard, micro: int, field: str, seed: int):
 
 
 def start_engine(cfg: StoryConfig, model: torch.nn.Module, stage, world_size: int, rank: int):
-    """A DeepSpeed engine over ``model.trainable_parameters()`` with AdamW and linear warm-up from
+    """A DeepSpeed engine over ``model.trainable_parameters()`` with AdamW and the learning-rate schedule of
     ``stage`` (``cfg.char_ldm`` or ``cfg.aligner``), resumed from Ray Train's checkpoint if any.
     Returns (engine, optimizer, scheduler, client_state, restored_figures)."""
     import deepspeed
 
-    from storygpt.char_ldm.training import warmup_lambda
+    from storygpt.char_ldm.training import stage_lr_lambda
 
     ds_config = deepspeed_config(cfg, stage.batch_size, world_size, cfg.train.use_gpu, stage.mixed_precision == "bf16")
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=stage.learning_rate, weight_decay=stage.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(stage.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage_lr_lambda(stage))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
     state = load_checkpoint(engine)

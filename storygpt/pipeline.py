@@ -9,7 +9,9 @@ passes a remote ``draw``; everyone else draws with the local Char-LDM.
 The reference-image policy: a caption that *names* a character the request has a reference
 image of is drawn from the Char-LDM's own fused conditioning of that caption (what the aligner
 was trained to imitate, with the user's look of the character); every other frame, pronouns
-included, from the aligner's conditioning.
+included, from the aligner's conditioning. ``first_frame_references`` apply the same policy to
+frame 1 alone: the official evaluation draws frame 1, which has nothing earlier to resolve, with
+the Char-LDM and its reference images, and the LM only from frame 2.
 """
 
 from __future__ import annotations
@@ -59,16 +61,20 @@ class StoryGPTPipeline:
         return cls(cfg, aligner, char_ldm)
 
     def generator(self, steps: int | None = None, guidance: float | None = None,
-                  references: dict[str, np.ndarray] | None = None) -> StoryGenerator:
+                  references: dict[str, np.ndarray] | None = None,
+                  first_frame_references: dict[str, np.ndarray] | None = None) -> StoryGenerator:
         """A story loop whose frames are drawn with these settings (one per story: it holds the
         story's KV cache)."""
-        return StoryGenerator(self.aligner, self._drawer(steps, guidance, references or {}),
-                              self.cfg.aligner.context_window)
+        draw = self._drawer(steps, guidance, references or {})
+        first = self._drawer(steps, guidance, {**first_frame_references, **(references or {})}) \
+            if first_frame_references else None
+        return StoryGenerator(self.aligner, draw, self.cfg.aligner.context_window, draw_first=first)
 
     def stream(self, captions: list[str], seed: int = 0, steps: int | None = None, guidance: float | None = None,
-               references: dict[str, np.ndarray] | None = None) -> Iterator[GeneratedFrame]:
+               references: dict[str, np.ndarray] | None = None,
+               first_frame_references: dict[str, np.ndarray] | None = None) -> Iterator[GeneratedFrame]:
         """One frame per caption, each as soon as it is drawn (frame i with seed ``seed + i``)."""
-        return self.generator(steps, guidance, references).stream(captions, seed=seed)
+        return self.generator(steps, guidance, references, first_frame_references).stream(captions, seed=seed)
 
     def continue_story(self, captions: list[str], k: int, seed: int = 0, steps: int | None = None,
                        guidance: float | None = None,
@@ -78,6 +84,8 @@ class StoryGPTPipeline:
 
     def _drawer(self, steps: int | None, guidance: float | None, references: dict[str, np.ndarray]) -> Draw:
         if self._draw is not None:
+            if references:
+                raise ValueError("a remote draw applies its own reference policy: pass no references here")
             return self._draw
         pipeline = self.char_ldm
 

@@ -3,6 +3,8 @@ save/load and the sampling pipeline, on the tiny zoo and a few story-world recor
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
 from storygpt.char_ldm.model import CharLDM
 from storygpt.char_ldm.pipeline import CharLDMPipeline
-from storygpt.char_ldm.training import min_snr_weights, noise_loss, warmup_lambda
+from storygpt.char_ldm.training import min_snr_weights, noise_loss, stage_lr_lambda, warmup_lambda
 from storygpt.config import load_config
 from storygpt.data.record_schema import decode_png
 from storygpt.models.loading import load_unet
@@ -388,6 +390,17 @@ def test_warmup_is_linear_then_constant():
     factor = warmup_lambda(4)
     assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_lambda(0)(0) == 1.0
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+    factor = warmup_lambda(2, decay_steps=10)
+    assert [factor(s) for s in range(3)] == [0.5, 1.0, 1.0]
+    values = [factor(s) for s in range(2, 11)]
+    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0.0, abs=1e-12)
+    assert factor(6) == pytest.approx(0.5)  # half way through the decay
+    stage = SimpleNamespace(warmup_steps=2, max_steps=10, lr_schedule="constant")
+    assert stage_lr_lambda(stage)(9) == 1.0
+    assert stage_lr_lambda(SimpleNamespace(**{**vars(stage), "lr_schedule": "cosine"}))(9) < 0.05
 
 
 @pytest.mark.slow

@@ -64,6 +64,18 @@ def test_named_captions_with_a_reference_are_drawn_from_the_fused_conditioning(s
     assert all(torch.allclose(c["conditioning"][0], f.conditioning) for c, f in zip(story.char_ldm.calls, plain))
 
 
+def test_first_frame_references_draw_frame_one_alone_from_the_char_ldm(story):
+    """The official evaluation's frame 1: the Char-LDM's fused conditioning with the references;
+    a later frame that names the same character stays the LM's."""
+    look = np.full((32, 32, 3), 90, dtype=np.uint8)
+    story.char_ldm.calls = []
+    frames = list(story.stream(CAPTIONS, seed=0, steps=2, guidance=2.0, first_frame_references={"Ada": look}))
+    calls = story.char_ldm.calls
+    assert torch.allclose(calls[0]["conditioning"], story.char_ldm.encode([CAPTIONS[0]], [["Ada"]], {"Ada": look}))
+    assert not torch.allclose(calls[0]["conditioning"][0], frames[0].conditioning)
+    assert all(torch.allclose(c["conditioning"][0], f.conditioning) for c, f in zip(calls[1:], frames[1:]))
+
+
 def test_a_remote_draw_replaces_the_local_char_ldm(story):
     seen = []
 
@@ -74,5 +86,7 @@ def test_a_remote_draw_replaces_the_local_char_ldm(story):
     remote = StoryGPTPipeline(story.cfg, story.aligner, draw=draw)
     assert [f.image.shape for f in remote.stream(CAPTIONS[:2], seed=1)] == [(8, 8, 3)] * 2
     assert seen == [(1, CAPTIONS[0]), (2, CAPTIONS[1])]
+    with pytest.raises(ValueError, match="its own reference policy"):  # the remote side holds the references
+        list(remote.stream(CAPTIONS[:1], first_frame_references={"Ada": np.zeros((8, 8, 3), np.uint8)}))
     with pytest.raises(ValueError, match="not both"):
         StoryGPTPipeline(story.cfg, story.aligner, story.char_ldm, draw=draw)

@@ -54,17 +54,20 @@ class StoryGenerator:
         draw: Callable[[torch.Tensor, int, str], np.ndarray],
         context_window: int | None = None,
         use_cache: bool = True,
+        draw_first: Callable[[torch.Tensor, int, str], np.ndarray] | None = None,
     ):
         """``draw(conditioning (1, L, d), seed, caption)`` renders a frame (a ``CharLDMPipeline``
         called with ``conditioning=`` and the caption as ``plain_captions=``, which only delayed
         conditioning reads); ``context_window``: tokens kept (None: the LM's context); ``use_cache``
-        off recomputes the whole kept context for each frame (the official code's way).
+        off recomputes the whole kept context for each frame (the official code's way);
+        ``draw_first``: frame 1's own ``draw`` (default: ``draw``).
         Inspectable: ``window``, ``story`` (the latest story's kept frames and cache),
         ``cache_length``, ``longest_context`` (the most tokens one LM call attended over)."""
         limit = aligner.lm.config.max_position_embeddings
         if context_window is not None and context_window > limit:
             raise ValueError(f"context_window {context_window} exceeds the LM's {limit} positions")
         self.aligner, self.draw, self.use_cache = aligner, draw, use_cache
+        self.draw_first = draw_first or draw
         self.window = context_window or limit
         self.m, self.r = aligner.config.visual_tokens, aligner.config.img_tokens
         self.story: _Story | None = None  # the latest story: its cache, for inspection
@@ -105,7 +108,8 @@ class StoryGenerator:
         hidden = self._run(story, cat([tokens(ids), img_tokens(self.r)]), commit=self.use_cache)
         conditioning = a.conditioning(hidden[:, -self.r:])  # (1, L, d)
         text = caption if caption is not None else a.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        frame = self.draw(conditioning, seed + story.drawn, text)
+        draw = self.draw_first if story.drawn == 0 else self.draw
+        frame = draw(conditioning, seed + story.drawn, text)
         story.frames.append((ids, a.frame_features([frame])[0]))
         story.drawn += 1
         return GeneratedFrame(story.drawn - 1, text, conditioning[0].float().cpu(), frame, written)

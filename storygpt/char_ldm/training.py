@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -39,11 +40,21 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     return noise
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """``LambdaLR`` factor: linear warm-up over ``warmup_steps`` optimizer steps, then constant.
-    The first step already moves (1 / warmup_steps of the rate), so no step is wasted at 0."""
+def warmup_lambda(warmup_steps: int, decay_steps: int | None = None) -> Callable[[int], float]:
+    """``LambdaLR`` factor: linear warm-up over ``warmup_steps`` optimizer steps, then constant,
+    or with ``decay_steps`` (the run's last step) a cosine decay to 0 there. The first step
+    already moves (1 / warmup_steps of the rate), so no step is wasted at 0."""
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if decay_steps is None or step < warmup_steps:
+            return warm
+        done = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * done))
 
     return factor
+
+
+def stage_lr_lambda(stage) -> Callable[[int], float]:
+    """The ``LambdaLR`` factor a stage config asks for (``lr_schedule``, ``warmup_steps``, ``max_steps``)."""
+    return warmup_lambda(stage.warmup_steps, stage.max_steps if stage.lr_schedule == "cosine" else None)

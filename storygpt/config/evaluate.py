@@ -48,6 +48,10 @@ class EvaluateConfig(Section):
     long_stories: int = Field(ge=0, description="long stories per length (0: skip the long-story runs)")
     sample_steps: int = Field(ge=1)
     guidance_scale: float = Field(ge=1)
+    first_frame: Literal["char_ldm", "llm"] = Field(
+        default="char_ldm", description="who draws a StoryGPT-V story's frame 1, which has nothing earlier to "
+                                        "resolve: the Char-LDM with the reference images (the official "
+                                        "evaluation) or the LM like every later frame (the paper's text)")
     detector_tolerance: int = Field(ge=0, le=255, description="story world: the colour detector's L-inf tolerance")
     fid_weights: str | None = Field(
         default=None, description="torch-fidelity's FID Inception weights (pt_inception-2015-12-05); null: the "

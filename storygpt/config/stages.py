@@ -62,7 +62,9 @@ class CharLDMConfig(Section):
     p_unconditional: float = Field(ge=0, le=1)
     p_text_only: float = Field(ge=0, le=1)
     learning_rate: float = Field(gt=0)
-    warmup_steps: int = Field(ge=0, description="linear LR warm-up, then constant")
+    warmup_steps: int = Field(ge=0, description="linear LR warm-up, then lr_schedule")
+    lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="after warm-up: "
+                                                       "constant, or a cosine decay to 0 at max_steps")
     weight_decay: float = Field(ge=0)
     batch_size: int = Field(gt=0, description="global batch (all workers, before accumulation)")
     max_steps: int = Field(gt=0)
@@ -102,7 +104,9 @@ class AlignerConfig(Section):
         default=1.0, ge=0, description="λ in loss = λ·L_gen + L_align (the paper: 1; storygpt/aligner/losses.py)"
     )
     learning_rate: float = Field(gt=0)
-    warmup_steps: int = Field(ge=0)
+    warmup_steps: int = Field(ge=0, description="linear LR warm-up, then lr_schedule")
+    lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="after warm-up: "
+                                                       "constant, or a cosine decay to 0 at max_steps")
     weight_decay: float = Field(ge=0)
     batch_size: int = Field(gt=0, description="global batch (all workers, before accumulation)")
     max_steps: int = Field(gt=0)

@@ -4,7 +4,8 @@
   caption names with a reference crop of each (from the train split, as in training), so a
   pronoun leaves it nothing to fuse: the failure StoryGPT-V addresses.
 - ``storygpt/<captions>``: the aligner's story loop (the LM sees every earlier generated frame
-  and caption) conditioning the same Char-LDM.
+  and caption) conditioning the same Char-LDM. With ``evaluate.first_frame: char_ldm`` (the
+  official evaluation) frame 1 is the Char-LDM's, fused with the same reference crops.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class StoryDrawer:
         if method == "storygpt":
             if self.story is None:
                 raise ValueError(f"row {row!r} needs the trained aligner")
-            # no reference images: every StoryGPT-V frame is the LM's, as in the paper
-            return [frame.image for frame in self.story.stream(captions, seed, self.steps, self.guidance)]
+            # no reference images after frame 1: every later frame is the LM's
+            first = self.references if self.cfg.evaluate.first_frame == "char_ldm" else None
+            return [frame.image for frame in self.story.stream(captions, seed, self.steps, self.guidance,
+                                                               first_frame_references=first)]
         names = sorted(self.references)  # fuse whichever of them a caption names
         return [self.pipeline([c], [names], self.references, steps=self.steps, guidance_scale=self.guidance,
                               seed=seed + k)[0] for k, c in enumerate(captions)]
