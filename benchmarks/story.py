@@ -1,6 +1,6 @@
 """The story loop's LM: what the KV cache saves, and whether a long story runs in flat memory.
 
-This measures the *LM loop* of :class:`~storygpt.aligner.generation.StoryGenerator`, not drawing:
+This measures the *LM loop* of :class:`~storygpt.pipeline.StoryGPTPipeline`, not drawing: its
 ``draw`` is a cheap deterministic stand-in for the Char-LDM (a flat frame from the seed), while
 the frames are still fed back through CLIP → W_v2t as in a real story. Tiny preset, CPU, one
 thread (the tiny models are overhead-bound; one thread is also steadier on a shared machine).
@@ -33,12 +33,17 @@ def _story(frames: int) -> list[str]:
     return [f"{CAPTIONS[i % len(CAPTIONS)]} Day {i}." for i in range(frames)]
 
 
-def _lm_timing(aligner, use_cache: bool, frames: int, repeats: int) -> tuple[list[float], list[int]]:
-    """Per-frame LM seconds (min over ``repeats`` runs) and tokens read, over one story."""
+def _pipeline(cfg, aligner):
+    """The story pipeline with the flat-frame stand-in for the Char-LDM."""
     import numpy as np
 
-    from storygpt.aligner.generation import StoryGenerator
+    from storygpt.pipeline import StoryGPTPipeline
 
+    return StoryGPTPipeline(cfg, aligner, draw=_flat_frame(np))
+
+
+def _lm_timing(cfg, aligner, use_cache: bool, frames: int, repeats: int) -> tuple[list[float], list[int]]:
+    """Per-frame LM seconds (min over ``repeats`` runs) and tokens read, over one story."""
     best: list[float] = [float("inf")] * frames
     tokens: list[int] = [0] * frames
     spent = {"s": 0.0, "tokens": 0}
@@ -54,7 +59,7 @@ def _lm_timing(aligner, use_cache: bool, frames: int, repeats: int) -> tuple[lis
     aligner.hidden = timed
     try:
         for _ in range(repeats):
-            generator = StoryGenerator(aligner, _flat_frame(np), use_cache=use_cache)
+            generator = _pipeline(cfg, aligner).generator(use_cache=use_cache)
             for i, _frame in enumerate(generator.stream(_story(frames))):
                 best[i] = min(best[i], spent["s"])
                 tokens[i] = spent["tokens"]
@@ -77,14 +82,11 @@ def _growth(times: list[float]) -> dict:
             "amortized": statistics.mean(times[40:60]) / frame2}
 
 
-def _memory(aligner, frames: int) -> dict:
-    import numpy as np
+def _memory(cfg, aligner, frames: int) -> dict:
     import psutil
 
-    from storygpt.aligner.generation import StoryGenerator
-
     process = psutil.Process()
-    generator = StoryGenerator(aligner, _flat_frame(np))
+    generator = _pipeline(cfg, aligner).generator()
     rss, cache = [], []
     for i, _frame in enumerate(generator.stream(_story(frames))):
         cache.append(generator.cache_length)
@@ -111,9 +113,9 @@ def figures(quick: bool) -> dict:
     torch.manual_seed(0)
     aligner = StoryAligner.from_config(cfg).eval()
     repeats = 3 if quick else 7  # min over repeats per frame: ~1 ms timings on a shared machine
-    list(_lm_timing(aligner, True, 5, 1))  # warm-up
-    cached, cached_tokens = _lm_timing(aligner, True, 60, repeats)
-    full, full_tokens = _lm_timing(aligner, False, 60, repeats)
+    list(_lm_timing(cfg, aligner, True, 5, 1))  # warm-up
+    cached, cached_tokens = _lm_timing(cfg, aligner, True, 60, repeats)
+    full, full_tokens = _lm_timing(cfg, aligner, False, 60, repeats)
     c, f = _growth(cached), _growth(full)
     return {"frames_timed": 60, "repeats": repeats,
             "lm_ms_frame2_cache": round(1e3 * statistics.median(cached[0:3]), 3),
@@ -125,7 +127,7 @@ def figures(quick: bool) -> dict:
             "tokens_frame50_cache": statistics.median(cached_tokens[47:52]),
             "tokens_frame50_recompute": statistics.median(full_tokens[47:52]),
             "tokens_per_frame_41_60_cache": statistics.mean(cached_tokens[40:60]),
-            "memory": _memory(aligner, 200)}
+            "memory": _memory(cfg, aligner, 200)}
 
 
 def main() -> None:

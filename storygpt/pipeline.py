@@ -62,13 +62,15 @@ class StoryGPTPipeline:
 
     def generator(self, steps: int | None = None, guidance: float | None = None,
                   references: dict[str, np.ndarray] | None = None,
-                  first_frame_references: dict[str, np.ndarray] | None = None) -> StoryGenerator:
+                  first_frame_references: dict[str, np.ndarray] | None = None,
+                  use_cache: bool = True) -> StoryGenerator:
         """A story loop whose frames are drawn with these settings (one per story: it holds the
-        story's KV cache)."""
+        story's KV cache; ``use_cache`` off recomputes the whole context per frame, as the
+        official code does)."""
         draw = self._drawer(steps, guidance, references or {})
         first = self._drawer(steps, guidance, {**first_frame_references, **(references or {})}) \
             if first_frame_references else None
-        return StoryGenerator(self.aligner, draw, self.cfg.aligner.context_window, draw_first=first)
+        return StoryGenerator(self.aligner, draw, self.cfg.aligner.context_window, use_cache, draw_first=first)
 
     def stream(self, captions: list[str], seed: int = 0, steps: int | None = None, guidance: float | None = None,
                references: dict[str, np.ndarray] | None = None,

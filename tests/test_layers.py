@@ -139,3 +139,17 @@ def test_the_library_never_imports_ray():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "ray" or n.startswith("ray.") for n in names), module
+
+
+def test_only_the_story_pipeline_builds_the_story_loop():
+    """Generate, evaluate, Serve and the benchmarks draw stories through ``StoryGPTPipeline``, so
+    the reference policy and frame 1's rule mean the same everywhere: nothing else outside the
+    tests constructs a ``StoryGenerator``."""
+    builders = []
+    for package in ("storygpt", "ray_jobs", "serving", "benchmarks", "preprocessing"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) \
+                        == "StoryGenerator":
+                    builders.append(str(path.relative_to(REPO)))
+    assert builders == ["storygpt/pipeline.py"]
