@@ -14,7 +14,7 @@ import torch
 
 from storygpt.config import ConfigError, load_config
 from storygpt.data.characters import WORLD
-from storygpt.evaluation.scores import character_scores, setting_scores
+from storygpt.evaluation.scores import character_scores, predicted_setting_scores, setting_scores
 
 # The classifier's training in these tests: 60 steps of batch 16 at 75 px (~26 s of one core; 80
 # steps, ~35 s, score a little higher) on a 40-story world (120 train / 40 val / 40 test frames).
@@ -43,6 +43,17 @@ def test_character_scores_are_exact_set_match_and_micro_f1():
         character_scores([["Ada"]], [])
     with pytest.raises(ValueError, match="string"):
         character_scores(["Ada"], [["Ada"]])
+
+
+def test_table_1_setting_scores_are_the_reference_scripts_exact_set_match_and_micro_f1():
+    pred = [["beach"], ["beach", "forest"], [], ["cave"]]
+    true = ["beach", "forest", "forest", "cave"]
+    # exact match: frames 0 and 3 (frame 1 also claims 'beach'; frame 2 abstains) -> 2 / 4
+    # micro: TP 3 (beach, forest, cave), FP 1 (the extra beach), FN 1 (frame 2) -> 6 / 8
+    assert predicted_setting_scores(pred, true) == {"acc": 0.5, "f1": pytest.approx(0.75)}
+    assert predicted_setting_scores([["cave"], ["x"]], ["cave", None]) == {"acc": 1.0, "f1": 1.0}  # unlabelled
+    with pytest.raises(ValueError, match="true frames"):
+        predicted_setting_scores([["cave"]], [])
 
 
 def test_setting_scores_are_accuracy_and_macro_f1_with_micro_on_request():
@@ -189,7 +200,7 @@ def test_training_beats_the_untrained_model_and_the_majority_baseline_on_held_ou
     def scores(predictions, n=len(images)):
         pred_chars, pred_settings = predictions
         return {"char": character_scores(pred_chars[:n], chars[:n]),
-                "bg": setting_scores(pred_settings[:n], settings[:n])}
+                "bg": predicted_setting_scores(pred_settings[:n], settings[:n])}
 
     predicted = model.predict_labels(images)
     trained_scores, untrained_scores = scores(predicted), scores(untrained.predict_labels(images))
@@ -201,7 +212,8 @@ def test_training_beats_the_untrained_model_and_the_majority_baseline_on_held_ou
     _, train_chars, train_settings = frames["train"]
     majority_set = collections.Counter(tuple(sorted(c)) for c in train_chars).most_common(1)[0][0]
     majority = character_scores([majority_set] * len(chars), chars)
-    majority_bg = setting_scores([collections.Counter(train_settings).most_common(1)[0][0]] * len(settings), settings)
+    majority_bg = predicted_setting_scores([[collections.Counter(train_settings).most_common(1)[0][0]]] * len(settings),
+                                           settings)
     print(json.dumps({"trained": trained_scores, "untrained": untrained_scores, "majority_set": majority,
                       "majority_setting": majority_bg, "figures": figures}))
     # measured (80 held-out frames) on the world before episodes: trained Char-Acc 0.375, untrained
@@ -222,6 +234,7 @@ def test_save_load_round_trip_gives_identical_predictions(trained, frames, tmp_p
     output = figures["output"]
     config = json.loads((Path(output) / "config.json").read_text())
     assert config["characters"] == WORLD.names and config["image_size"] == 75 and len(config["settings"]) > 0
+    assert config["setting_head"] == "sigmoid"
     assert json.loads((Path(output) / "training.json").read_text())["steps"] == 60
     leftovers = [p.name for p in Path(output).parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # the temp dir was renamed into place
@@ -241,7 +254,12 @@ def test_save_load_round_trip_gives_identical_predictions(trained, frames, tmp_p
     chars, _ = first.predict([images[1], big, images[2]], batch_size=2)
     assert np.allclose(chars[[0, 2]], first.predict([images[1], images[2]], batch_size=1)[0], atol=1e-5)
     names, settings = first.predict_labels(images[:3])
-    assert all(set(n) <= set(WORLD.names) for n in names) and all(s in first.settings for s in settings)
+    assert all(set(n) <= set(WORLD.names) for n in names) and all(set(s) <= set(first.settings) for s in settings)
+    # a classifier saved before the sigmoid setting head (no "setting_head" key) predicts its argmax
+    del config["setting_head"]
+    (tmp_path / "copy" / "config.json").write_text(json.dumps(config))
+    old = FrameClassifier.from_pretrained(tmp_path / "copy")
+    assert old.setting_activation == "softmax" and all(len(s) == 1 for s in old.predict_labels(images[:3])[1])
     with pytest.raises(ValueError, match="uint8"):
         first.predict([images[0].astype(np.float32)])
 

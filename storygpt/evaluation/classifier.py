@@ -3,9 +3,11 @@ fallback FID features.
 
 An Inception-v3 trunk (torchvision's, ``aux_logits=False``) with two heads on its 2048-d pooled
 features: characters (multi-label, one sigmoid logit per character of the dataset's table, BCE)
-and setting (single-label softmax over the train split's settings; absent for datasets without
-settings, e.g. PororoSV). The paper's reference script trains one Inception-v3 per task; one
-shared trunk is half the compute for the same figures.
+and setting (one sigmoid logit per setting of the train split, BCE, as the reference script's
+323-way head: a frame may be given no setting or several; absent for datasets without settings,
+e.g. PororoSV). The paper's reference script trains one Inception-v3 per task; one shared trunk
+is half the compute for the same figures. Classifiers saved with the earlier softmax setting
+head (``"setting_head": "softmax"``, or no such key) load and predict their argmax.
 
 Input: uint8 ``H x W x 3`` frames, resized (bilinear, antialiased) to ``image_size`` and
 ImageNet-normalised; the trunk runs with ``transform_input=True``, torchvision's re-normalisation
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from storygpt.config import ConfigError, StoryConfig
-from storygpt.evaluation.scores import character_scores, setting_scores
+from storygpt.evaluation.scores import character_scores, predicted_setting_scores
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -51,10 +53,10 @@ def _inception_trunk(init_weights: bool = True) -> nn.Module:
 
 
 class FrameClassifier(nn.Module):
-    """Inception-v3 trunk + character head (sigmoid) + setting head (softmax, optional)."""
+    """Inception-v3 trunk + character head (sigmoid) + setting head (sigmoid; optional)."""
 
     def __init__(self, characters: Sequence[str], settings: Sequence[str] = (), image_size: int = 299,
-                 init_weights: bool = True):
+                 init_weights: bool = True, setting_head: str = "sigmoid"):
         """``init_weights=False`` skips Inception's truncated-normal init (seconds on CPU) when every
         trunk weight is about to be overwritten (from_pretrained, ImageNet weights)."""
         super().__init__()
@@ -65,6 +67,9 @@ class FrameClassifier(nn.Module):
         self.characters = list(characters)
         self.settings = list(settings)
         self.image_size = int(image_size)
+        if setting_head not in ("sigmoid", "softmax"):
+            raise ValueError(f"setting_head: expected 'sigmoid' or 'softmax', got {setting_head!r}")
+        self.setting_activation = setting_head
         self.trunk = _inception_trunk(init_weights)
         self.character_head = nn.Linear(FEATURE_DIM, len(self.characters))
         self.setting_head = nn.Linear(FEATURE_DIM, len(self.settings)) if self.settings else None
@@ -131,7 +136,9 @@ class FrameClassifier(nn.Module):
                 feats.append(h.float().cpu())
                 chars.append(torch.sigmoid(self.character_head(h)).float().cpu())
                 if self.setting_head is not None:
-                    sets.append(torch.softmax(self.setting_head(h).float(), dim=-1).cpu())
+                    logits = self.setting_head(h).float()
+                    sets.append((torch.sigmoid(logits) if self.setting_activation == "sigmoid"
+                                 else torch.softmax(logits, dim=-1)).cpu())
         finally:
             self.train(was_training)
         char_probs = torch.cat(chars).numpy() if chars else np.zeros((0, len(self.characters)), np.float32)
@@ -142,13 +149,17 @@ class FrameClassifier(nn.Module):
         return char_probs, setting_probs, features
 
     def predict_labels(self, images, threshold: float = 0.5, batch_size: int = 64
-                       ) -> tuple[list[list[str]], list[str] | None]:
-        """Per frame: the characters whose probability exceeds ``threshold``, and the argmax setting."""
+                       ) -> tuple[list[list[str]], list[list[str]] | None]:
+        """Per frame: the characters, and the settings, whose probability exceeds ``threshold``."""
         char_probs, setting_probs = self.predict(images, batch_size)
         chars = [[self.characters[j] for j in np.flatnonzero(row > threshold)] for row in char_probs]
-        if setting_probs is None:
-            return chars, None
-        return chars, [self.settings[j] for j in setting_probs.argmax(axis=1)]
+        return chars, None if setting_probs is None else self.setting_sets(setting_probs, threshold)
+
+    def setting_sets(self, setting_probs: np.ndarray, threshold: float = 0.5) -> list[list[str]]:
+        """The predicted settings of each frame: those above ``threshold`` (a softmax head: its argmax)."""
+        if self.setting_activation == "softmax":
+            return [[self.settings[j]] for j in setting_probs.argmax(axis=1)]
+        return [[self.settings[j] for j in np.flatnonzero(row > threshold)] for row in setting_probs]
 
     def features(self, images, batch_size: int = 64) -> np.ndarray:
         """Pooled 2048-d features ``[N, 2048]`` (float32): FID features when no FID Inception is given."""
@@ -192,7 +203,8 @@ class FrameClassifier(nn.Module):
 
     def config_dict(self) -> dict:
         return {"architecture": "inception_v3", "characters": self.characters, "settings": self.settings,
-                "image_size": self.image_size, "transform_input": True, "feature_dim": FEATURE_DIM}
+                "setting_head": self.setting_activation, "image_size": self.image_size, "transform_input": True,
+                "feature_dim": FEATURE_DIM}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -215,7 +227,8 @@ class FrameClassifier(nn.Module):
         config = json.loads((directory / CONFIG_NAME).read_text())
         if config.get("architecture") != "inception_v3":
             raise ValueError(f"{directory / CONFIG_NAME}: unknown architecture {config.get('architecture')!r}")
-        model = cls(config["characters"], config.get("settings") or (), config["image_size"], init_weights=False)
+        model = cls(config["characters"], config.get("settings") or (), config["image_size"], init_weights=False,
+                    setting_head=config.get("setting_head", "softmax"))
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
         model.eval()
         return model.to(device) if device is not None else model
@@ -238,6 +251,6 @@ def evaluate_frames(model: FrameClassifier, images: list, characters: list[list[
     chars = character_scores(pred_chars, [[c for c in cs if c in known] for cs in characters])
     out = {"char_acc": chars["acc"], "char_f1": chars["f1"], "bg_acc": None, "bg_f1": None}
     if pred_settings is not None and any(s for s in settings):
-        bg = setting_scores(pred_settings, [s or None for s in settings])
+        bg = predicted_setting_scores(pred_settings, [s or None for s in settings])
         out.update(bg_acc=bg["acc"], bg_f1=bg["f1"])
     return out

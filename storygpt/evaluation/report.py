@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 
 from storygpt.evaluation.metrics import caption_scores, frechet_distance
-from storygpt.evaluation.scores import character_scores, setting_scores
+from storygpt.evaluation.scores import character_scores, predicted_setting_scores, setting_scores
 
 LABELS = {"char_ldm": "Char-LDM", "storygpt": "StoryGPT-V", "ground_truth": "Ground truth",
           "most_frequent": "Most frequent (chance)"}
@@ -33,7 +33,8 @@ def summarize(frames: list[dict], real_features: np.ndarray | None,
     out = {"frames": len(frames)}
     out.update(_prefixed("char_", character_scores([f["pred_characters"] for f in frames], truth)))
     if frames[0]["pred_setting"] is not None:
-        out.update(_prefixed("bg_", setting_scores([f["pred_setting"] for f in frames], [f["setting"] for f in frames])))
+        out.update(_prefixed("bg_", predicted_setting_scores([f["pred_setting"] for f in frames],
+                                                             [f["setting"] for f in frames])))
     if frames[0]["detected_characters"] is not None:
         out.update(_prefixed("det_char_", character_scores([f["detected_characters"] for f in frames], truth)))
         out["det_bg_acc"] = setting_scores([f["detected_setting"] for f in frames], [f["setting"] for f in frames])["acc"]
@@ -68,7 +69,7 @@ def most_frequent(train: list[dict], frames: list[dict]) -> dict[str, float]:
     settings = [r["setting"] for r in train if r["setting"]]
     if settings:
         top = Counter(settings).most_common(1)[0][0]
-        out.update(_prefixed("bg_", setting_scores([top] * len(frames), [f["setting"] for f in frames])))
+        out.update(_prefixed("bg_", predicted_setting_scores([[top]] * len(frames), [f["setting"] for f in frames])))
     return out
 
 

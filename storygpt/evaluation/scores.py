@@ -10,14 +10,15 @@ Characters (multi-label, the classifier's sigmoid outputs thresholded at 0.5):
     evaluation script pools true positives, predicted positives and true positives over the
     whole split (AR-LDM / StoryGPT-V).
 
-Settings (single label per frame; the classifier's argmax):
-  * ``acc``: the share of frames whose predicted setting is the true one;
-  * ``f1``: *macro* F1 by default, the mean over settings (those in the truth or the predictions)
-    of each setting's F1. With exactly one predicted and one true label per frame micro F1 equals
-    accuracy, so macro is the figure that adds information (it weighs rare settings). The reference
-    script runs a 323-way *sigmoid* head thresholded at 0.5 and reports exact match + micro F1,
-    where a frame can get zero or several settings; ``average="micro"`` gives the micro figure, and
-    a ``None`` prediction (an abstention: no setting predicted) counts as a miss that claims nothing.
+Settings in Table 1 (:func:`predicted_setting_scores`), as the reference script scores them: a
+sigmoid logit per setting thresholded at 0.5, so a frame may be given no setting or several.
+  * ``acc``: exact match, the share of frames whose predicted setting *set* is exactly {the true
+    setting};
+  * ``f1``: micro F1 over all (frame, setting) pairs, as for characters.
+
+Single-label settings (:func:`setting_scores`: one predicted setting per frame, e.g. the world's
+exact detector): ``acc`` the share right; ``f1`` macro by default (with one label per frame micro
+F1 equals accuracy), ``average="micro"`` for the micro figure; a ``None`` prediction abstains.
 """
 
 from __future__ import annotations
@@ -63,6 +64,18 @@ def character_scores(pred_sets: Iterable, true_sets: Iterable) -> dict[str, floa
     fp = sum(len(p - t) for p, t in zip(pred, true))
     fn = sum(len(t - p) for p, t in zip(pred, true))
     return {"acc": sum(p == t for p, t in zip(pred, true)) / len(true), "f1": _f1(tp, fp, fn)}
+
+
+def predicted_setting_scores(pred_sets: Sequence, true: Sequence) -> dict[str, float]:
+    """BG-Acc (exact set match) and BG-F1 (micro) of the classifier's thresholded setting sets
+    against one true setting per frame; frames without a true setting are not scored."""
+    pred_sets, true = list(pred_sets), list(true)
+    if len(pred_sets) != len(true):
+        raise ValueError(f"{len(pred_sets)} predicted frames but {len(true)} true frames")
+    pairs = [(p, t) for p, t in zip(pred_sets, true) if t is not None and t != ""]
+    if not pairs:
+        raise ValueError("no frames with a true setting to score")
+    return character_scores([p for p, _ in pairs], [[t] for _, t in pairs])
 
 
 def setting_scores(

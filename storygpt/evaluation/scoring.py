@@ -33,12 +33,13 @@ class FrameScorer:
         char_probs, setting_probs, pooled = self.classifier.predict_with_features(images)
         features = pooled if self.fid is None else self.fid(images)  # one trunk pass either way
         captions = self.captioner.caption(images)
-        names, settings = self.classifier.characters, self.classifier.settings
+        names = self.classifier.characters
+        setting_sets = self.classifier.setting_sets(setting_probs) if setting_probs is not None else None
         rows = []
         for k, image in enumerate(images):
             row = {
                 "pred_characters": [n for n, p in zip(names, char_probs[k]) if p > THRESHOLD],
-                "pred_setting": settings[int(np.argmax(setting_probs[k]))] if setting_probs is not None else None,
+                "pred_setting": setting_sets[k] if setting_sets is not None else None,
                 "generated_caption": captions[k],
                 "feature": np.asarray(features[k], dtype=np.float32),
                 "detected_characters": None,
