@@ -30,6 +30,13 @@ def tracking_uri(cfg: StoryConfig) -> str:
     return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.work_dir).resolve()}/mlflow.db"
 
 
+def run_params(cfg: StoryConfig) -> dict[str, str]:
+    """A run's MLflow params: every config value, and which form of the method its data allows."""
+    from storygpt.data.readers import method_variant
+
+    return {**{k: str(v)[:500] for k, v in cfg.flat().items()}, "method_variant": method_variant(cfg.data.format)}
+
+
 class Tracker:
     def __init__(self, cfg: StoryConfig, run_name: str, run_id: str | None, active: bool):
         self.active, self.pending, self.run_id = active, [], run_id
@@ -50,7 +57,7 @@ class Tracker:
                                log_system_metrics=True)
         self.run_id, self.cfg = run.info.run_id, cfg
         if run_id is None:
-            params = {k: str(v)[:500] for k, v in cfg.flat().items()}
+            params = run_params(cfg)
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
                 mlflow.log_params(dict(list(params.items())[start : start + 100]))
             mlflow.set_tags(source_tags())

@@ -115,6 +115,24 @@ def test_pororo_layout(tmp_path):
     assert [s.story_id for s in test] == ["Pororo_ENGLISH1_1/Pororo_ENGLISH1_1_ep2/0"]
 
 
+def test_the_method_variant_a_layout_allows_matches_the_boxes_its_reader_gives(tmp_path, repo):
+    """PororoSV has no character boxes, so it trains the paper's text-only variant: the runs say so."""
+    from ray_jobs.tracking import run_params
+    from storygpt.config import load_config
+    from storygpt.data.readers import HAS_BOXES, method_variant
+
+    layouts = {"flintstones": (flintstones, FLINTSTONES, 5), "storygptv": (storygptv, FLINTSTONES, 4),
+               "pororo": (pororo, PORORO, 5)}
+    for fmt, (build, table, frames) in layouts.items():
+        options = ReadOptions(split="train", frames_per_story=frames, clip_frame=0)
+        stories, _ = read_stories(fmt, build(tmp_path / fmt), table, options)
+        boxed = any(b is not None for s in stories for f in s.frames for b in f.boxes)
+        assert boxed == HAS_BOXES[fmt], fmt
+    assert method_variant("pororo").startswith("text-only") and method_variant("flintstones").startswith("full")
+    params = run_params(load_config(repo / "configs" / "pororo.yaml"))
+    assert params["method_variant"] == method_variant("pororo") and params["data.format"] == "pororo"
+
+
 def test_pororo_problems(tmp_path):
     root = pororo(tmp_path)
     (root / "Pororo_ENGLISH1_1/Pororo_ENGLISH1_1_ep1/3.png").unlink()

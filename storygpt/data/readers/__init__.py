@@ -15,13 +15,26 @@ from storygpt.data.readers import flintstones, pororo, storygptv
 from storygpt.data.readers.common import ReadOptions
 from storygpt.data.runs import Position, consecutive_runs
 
-__all__ = ["READERS", "ReadOptions", "frame_position", "read_long_stories", "read_stories"]
+__all__ = ["READERS", "ReadOptions", "frame_position", "method_variant", "read_long_stories", "read_stories"]
 
 Reader = Callable[[Path, CharacterTable, ReadOptions], tuple[list[Story], ReadReport]]
 # The one list of layouts: config.DatasetFormat and every --format choice name these keys.
 READERS: dict[str, Reader] = {"flintstones": flintstones.read, "storygptv": storygptv.read, "pororo": pororo.read}
 if set(READERS) != set(get_args(DatasetFormat)):  # a reader added here must be a config value too
     raise ImportError(f"storygpt.data.readers: READERS {sorted(READERS)} != config.DatasetFormat")
+# Which layouts annotate character boxes. Without boxes there is nothing to crop, fuse or mask:
+# the Char-LDM trains on text alone, L_reg never applies and stage 2 regresses plain-text targets.
+HAS_BOXES = {"flintstones": True, "storygptv": True, "pororo": False}
+if set(HAS_BOXES) != set(READERS):
+    raise ImportError(f"storygpt.data.readers: HAS_BOXES {sorted(HAS_BOXES)} != READERS {sorted(READERS)}")
+
+
+def method_variant(fmt: str) -> str:
+    """Which form of the method a dataset layout can train, in words (logged with every run)."""
+    if HAS_BOXES[fmt]:
+        return "full: characters fused from their boxes' crops, L_reg on their masks"
+    return ("text-only (the paper's 'Emb text' variant): no character boxes, so no fusion, no L_reg "
+            "and plain-text stage-2 targets")
 
 
 
