@@ -95,6 +95,15 @@ def test_fuser_changes_only_the_character_tokens():
     assert torch.equal(fuser(text, torch.randn(2, 3, 8), idx, torch.zeros_like(valid)), text)
 
 
+def test_a_character_listed_twice_is_fused_once():
+    torch.manual_seed(0)
+    fuser = CharacterFuser(text_dim=16, vision_dim=8)
+    text, look = torch.randn(1, 77, 16), torch.randn(1, 1, 8)
+    once = fuser(text, look, torch.tensor([[4]]), torch.tensor([[True]]))
+    twice = fuser(text, look.expand(-1, 2, -1), torch.tensor([[4, 4]]), torch.tensor([[True, True]]))
+    assert torch.allclose(twice, once, atol=1e-6)  # summing the two slots would double the token
+
+
 # ----------------------------------------------------------------------------- attention capture
 def test_only_the_supervised_cross_attention_layers_capture(model, batch, cfg):
     processors = model.unet.attn_processors

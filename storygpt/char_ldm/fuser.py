@@ -51,8 +51,10 @@ class CharacterFuser(nn.Module):
         # Place each valid slot's fused token by a one-hot product rather than indexing only the valid
         # ones: every parameter then stays in the graph (zero gradient when nothing is fused), which
         # data-parallel training needs: DeepSpeed ZeRO reduces the same gradients on every rank.
-        # The product is exact (x·1 + y·0); the text states are left as they are.
+        # The product is exact (x·1 + y·0); the text states are left as they are. Slots that land on
+        # one token (a character listed twice) are averaged: it is fused once, not summed twice.
         place = nn.functional.one_hot(char_token_idx, text_states.shape[1]).to(text_states.dtype)
         place = place * char_valid[..., None].to(text_states.dtype)  # (B, K, L)
-        placed = torch.einsum("bkl,bkd->bld", place, fused)
-        return torch.where(place.sum(1)[..., None] > 0, placed, text_states)
+        count = place.sum(1)[..., None]  # (B, L, 1)
+        placed = torch.einsum("bkl,bkd->bld", place, fused) / count.clamp(min=1)
+        return torch.where(count > 0, placed, text_states)
