@@ -3,6 +3,7 @@ save/load and the sampling pipeline, on the tiny zoo and a few story-world recor
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -265,6 +266,13 @@ def test_training_step_reports_its_losses(model, batch, cfg):
     assert all(v.ndim == 0 for v in out.values())
     assert out["lreg"] != 0 and out["attn_in_mask_ratio"] > 0
     assert out["loss"].item() == pytest.approx(out["noise_loss"].item() + cfg.char_ldm.lreg_weight * out["lreg"].item(), rel=1e-6)
+    base = cfg.char_ldm
+    try:  # L_reg only on fused samples (the official code): text-only ones have no fused token to supervise
+        model.config = base.model_copy(update={"p_unconditional": 0.0, "p_text_only": 1.0})
+        text_only = model(batch, torch.Generator().manual_seed(0))
+        assert text_only["lreg"] == 0 and math.isnan(text_only["attn_in_mask_ratio"])
+    finally:
+        model.config = base
     model.supervise_attention = False
     try:
         off = model(batch, torch.Generator().manual_seed(0))

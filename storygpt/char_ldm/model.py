@@ -149,8 +149,9 @@ class CharLDM(nn.Module):
         timesteps = torch.randint(0, steps, (size,), generator=generator, device=gen_device).to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         mode = sample_conditioning(size, cfg.p_unconditional, cfg.p_text_only, generator).to(device)
-        # L_reg needs the name in the caption: unconditional samples have none
-        supervised = batch["char_valid"] & batch["has_mask"] & (mode != Conditioning.UNCONDITIONAL)[:, None]
+        # L_reg supervises the fused character tokens, as the official code: unconditional samples
+        # have no name, text-only samples no fused token (their segments are empty there too)
+        supervised = batch["char_valid"] & batch["has_mask"] & (mode == Conditioning.FUSED)[:, None]
         capture = self.supervise_attention and bool(supervised.any())
         bf16 = cfg.mixed_precision == "bf16" and device.type == "cuda"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
