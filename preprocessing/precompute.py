@@ -218,6 +218,7 @@ def _check_same_inputs(cfg: StoryConfig, output: Path, records: Path, trained: P
         "char_ldm.max_characters": cfg.char_ldm.max_characters,
         "char_ldm.resolution": cfg.char_ldm.resolution,
         "seed": cfg.seed,  # seeds the crops' noise fill
+        "precompute.target": cfg.precompute.target,
         "shape": shape,
     }
     path = output / INFO

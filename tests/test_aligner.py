@@ -218,6 +218,31 @@ def test_saved_new_parts_load_back_exactly(cfg, aligner, examples, tmp_path):
         StoryAligner.from_config(cfg, trained_dir=tmp_path / "nowhere")
 
 
+def test_the_captions_only_ablation_reads_no_image_in_training_or_in_the_story_loop(cfg, examples, tmp_path):
+    """``aligner.interleave: false`` (Table 7's 'Caption-'): no frame's visual tokens in the LM's
+    input, and an aligner trained that way refuses to load under an interleaved preset."""
+    captions_only = cfg.model_copy(update={"aligner": cfg.aligner.model_copy(update={"interleave": False})})
+    torch.manual_seed(0)
+    model = StoryAligner.from_config(captions_only)
+    batch = collate(examples, model)
+    assert not (batch["codes"] == IMAGE).any() and (batch["codes"] == IMG).sum() == len(examples) * model.config.img_tokens
+    interleaved = collate(examples, StoryAligner.from_config(cfg))
+    assert (interleaved["codes"] == IMAGE).any()
+    out = model(batch)
+    out["loss"].backward()  # W_v2t stays in the graph (zero gradient): data-parallel ranks reduce the same tensors
+    assert torch.isfinite(out["loss"]) and model.visual.weight.grad is not None
+    generator = StoryGenerator(model, _pattern)
+    seen = []
+    embed = model.embed
+    model.embed = lambda codes, slot, features: seen.append(codes.clone()) or embed(codes, slot, features)
+    list(generator.stream(CAPTIONS[:3]))
+    del model.embed
+    assert seen and not any((codes == IMAGE).any() for codes in seen)
+    model.save_trained(tmp_path / "captions_only")
+    with pytest.raises(ValueError, match="interleave"):
+        StoryAligner.from_config(cfg, trained_dir=tmp_path / "captions_only")
+
+
 def test_llama_family_loads_and_trains(repo, tiny_work, examples):
     cfg = load_config(repo / "configs" / "tiny.yaml", [f"work_dir={tiny_work}", f"models.lm={tiny_work}/zoo/llama",
                                                        "aligner.lm_family=llama"])

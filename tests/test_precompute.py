@@ -141,6 +141,27 @@ def test_targets_do_not_depend_on_batching(setup):
         np.testing.assert_allclose(a["frame_feature"], b["frame_feature"], atol=1e-5)
 
 
+def test_the_emb_text_ablation_targets_the_plain_caption_and_is_not_mixed_with_fused_targets(setup):
+    """``precompute.target: text`` (Table 4's 'Emb text'): the caption's CLIP states, no fusion."""
+    from preprocessing.precompute import precompute
+    from storygpt.char_ldm.data import tokenize
+    from storygpt.char_ldm.targets import StageTwoTargets
+    from storygpt.data.record_schema import read_table
+
+    cfg, root, records_dir, char_ldm, _ = setup
+    rows = [r for r in read_table(records_dir).to_pylist() if r["characters"]][:3]
+    text_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"target": "text"})})
+    fused, _ = StageTwoTargets(cfg, char_ldm).encode(rows)
+    plain, _ = StageTwoTargets(text_cfg, char_ldm).encode(rows)
+    encoder = StageTwoTargets(text_cfg, char_ldm)
+    with torch.no_grad():
+        expected = encoder.text_encoder(tokenize(encoder.tokenizer, [r["caption"] for r in rows])).last_hidden_state
+    torch.testing.assert_close(plain, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(fused, plain, atol=1e-4)  # the fused names differ
+    with pytest.raises(ConfigError, match="precompute.target"):  # the fused output is not extended with text targets
+        precompute(text_cfg, char_ldm=char_ldm)
+
+
 def test_rerun_skips_finished_parts_and_redoes_unfinished_ones(setup, tmp_path):
     import ray
 

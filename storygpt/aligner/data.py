@@ -31,6 +31,11 @@ class Aligner(Protocol):
     def tokenize(self, captions: list[str]) -> list[list[int]]: ...
 
 
+def visual_slots(cfg: AlignerConfig) -> int:
+    """Visual tokens per earlier frame in the LM's input: m, or 0 for the captions-only ablation."""
+    return cfg.visual_tokens if cfg.interleave else 0
+
+
 def story_examples(frames: list[dict]) -> list[dict]:
     """One story's precomputed rows (any order) → one example per n = 1..N."""
     frames = sorted(frames, key=lambda f: f["frame_index"])
@@ -52,7 +57,7 @@ def collate(examples: list[dict], aligner: Aligner) -> dict[str, torch.Tensor]:
     example's kept frames, which ``slot`` indexes), "target" (B, L, d)}, truncated to
     ``max_length`` (earliest frames dropped) and right-padded."""
     cfg = aligner.config
-    m, r = cfg.visual_tokens, cfg.img_tokens
+    m, r = visual_slots(cfg), cfg.img_tokens
     layouts: list[Layout] = []
     features: list[np.ndarray] = []
     for ex in examples:  # lists, or the numpy arrays Ray Data hands back

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from storygpt.aligner.data import visual_slots
 from storygpt.aligner.model import StoryAligner
 from storygpt.aligner.sequence import Layout, cat, frames_to_keep, image, img_tokens, tokens
 
@@ -69,7 +70,7 @@ class StoryGenerator:
         self.aligner, self.draw, self.use_cache = aligner, draw, use_cache
         self.draw_first = draw_first or draw
         self.window = context_window or limit
-        self.m, self.r = aligner.config.visual_tokens, aligner.config.img_tokens
+        self.m, self.r = visual_slots(aligner.config), aligner.config.img_tokens
         self.story: _Story | None = None  # the latest story: its cache, for inspection
         self.longest_context = 0  # the most tokens the LM has attended over, since construction
 

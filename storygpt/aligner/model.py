@@ -79,7 +79,8 @@ class StoryAligner(nn.Module):
     def _load_trained(self, directory: Path) -> None:
         saved = json.loads(_require(directory, CONFIG).read_text())
         if saved != self._shapes():
-            wrong = {k: (saved.get(k), v) for k, v in self._shapes().items() if saved.get(k) != v}
+            shapes = self._shapes()
+            wrong = {k: (saved.get(k), shapes.get(k)) for k in {**saved, **shapes} if saved.get(k) != shapes.get(k)}
             raise ValueError(f"trained aligner '{directory}' was built differently (saved, configured): {wrong}")
         state = load_file(str(_require(directory, WEIGHTS)))
         if state.keys() != self._new_state().keys():
@@ -95,7 +96,8 @@ class StoryAligner(nn.Module):
                 "out_dim": self.out_dim, "visual_tokens": c.visual_tokens, "img_tokens": c.img_tokens,
                 "mapper_dim": c.mapper_dim, "mapper_encoder_layers": c.mapper_encoder_layers,
                 "mapper_decoder_layers": c.mapper_decoder_layers, "mapper_heads": c.mapper_heads,
-                "mapper_ffn_dim": c.mapper_ffn_dim, "mapper_queries": c.mapper_queries}
+                "mapper_ffn_dim": c.mapper_ffn_dim, "mapper_queries": c.mapper_queries,
+                **({} if c.interleave else {"interleave": False})}  # a captions-only aligner says so
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.startswith(NEW_PARTS)]

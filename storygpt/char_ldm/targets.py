@@ -89,6 +89,8 @@ class StageTwoTargets:
         for module in (self.text_encoder, self.vision, self.fuser, self.frame_vision):
             module.requires_grad_(False).eval().to(self.device)
         self.empty_ids = tokenize(self.tokenizer, [""])[0].to(self.device)
+        # the method's fused target, or the 'Emb text' ablation's plain caption states
+        self.mode = Conditioning.FUSED if cfg.precompute.target == "fused" else Conditioning.TEXT
 
     @torch.no_grad()
     def encode(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +98,7 @@ class StageTwoTargets:
         # one collate per row: each row's crop noise comes from its own generator
         parts = [collate([row], self, self.cfg, crop_generator(row["id"], self.seed)) for row in rows]
         batch = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
-        mode = torch.full((len(rows),), int(Conditioning.FUSED), device=self.device)
+        mode = torch.full((len(rows),), int(self.mode), device=self.device)
         fused = encode_prompts(self.text_encoder, self.vision, self.fuser, batch["input_ids"], self.empty_ids,
                                mode, batch["char_pixel_values"], batch["char_token_idx"], batch["char_valid"])
         frames = frame_features(self.frame_vision, self.image_processor, [decode_png(r["image"]) for r in rows])
@@ -106,11 +108,12 @@ class StageTwoTargets:
     def encode_named(self, captions: list[str], characters: list[list[str]], references: dict[str, np.ndarray],
                      table: CharacterTable) -> torch.Tensor:
         """(B, L, d) fused embeddings of any captions, each named character fused with its
-        reference image: how the aligner's reference accuracy builds its candidate casts."""
+        reference image (or plain, when the targets are): how the aligner's reference accuracy
+        builds its candidate casts."""
         inputs = reference_character_inputs(self.tokenizer, self.image_processor, captions, characters, references,
                                             table, self.cfg.max_characters)
         ids = tokenize(self.tokenizer, captions).to(self.device)
-        mode = torch.full((len(captions),), int(Conditioning.FUSED), device=self.device)
+        mode = torch.full((len(captions),), int(self.mode), device=self.device)
         return encode_prompts(self.text_encoder, self.vision, self.fuser, ids, self.empty_ids, mode,
                               *(t.to(self.device) for t in inputs))
 

@@ -92,6 +92,9 @@ class CharLDMConfig(Section):
 class AlignerConfig(Section):
     lm_family: Literal["opt", "llama"]
     visual_tokens: int = Field(ge=1, description="m: LM-space tokens per frame")
+    interleave: bool = Field(
+        default=True, description="the LM reads earlier frames' images between the captions (eq. 5); false: "
+                                  "captions only (the paper's 'Caption-' ablation, Table 7)")
     img_tokens: int = Field(ge=1, description="R: [IMG] tokens")
     mapper_dim: int
     mapper_encoder_layers: int
@@ -124,4 +127,7 @@ class PrecomputeConfig(Section):
     """Stage-2 targets: each frame's fused embedding and CLIP frame feature, beside its record."""
 
     output: str = Field(description="dir of the fused-embedding table; '{work_dir}' is substituted")
+    target: Literal["fused", "text"] = Field(
+        default="fused", description="what L_align regresses: the fused embedding (the method) or the caption's "
+                                     "plain CLIP states (the paper's 'Emb text' ablation, Table 4)")
     pool: ActorPoolConfig
