@@ -1,7 +1,8 @@
 """The ingress's edge: a pure ASGI middleware in front of FastAPI (:class:`EdgeGuard`).
 
 For every response: ``nosniff``, ``no-referrer`` and ``DENY`` framing headers, and HEAD answered as
-the GET without its body. Under ``/v1/stories``: the API key (401) and a declared
+the GET without its body. Under ``/v1/stories``: Ray's header that switches off cancellation
+(400), the API key (401) and a declared
 ``Content-Length`` over the cap (413) before a byte of body is read; then the body itself, counted
 as it arrives, whatever the transfer encoding: over the cap → 413 at once, not complete within
 ``serve.limits.body_timeout_s`` → 408. The route then gets the body already read (it is bounded).
@@ -24,6 +25,9 @@ import secrets
 from serving.api import error_body
 
 API_KEY_HEADER = "X-API-Key"
+# Ray Serve's proxy stops watching for a client that went away when a request carries this
+# header: its story would draw to the end for nobody. Such requests are refused.
+DISCONNECT_DISABLED_HEADER = "x-request-disconnect-disabled"
 PROTECTED_PREFIX = "/v1/stories"
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 _RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
@@ -131,6 +135,9 @@ def _check_headers(scope) -> None:
     key = Settings.api_key
     if key and not hmac.compare_digest(headers.get(API_KEY_HEADER.lower(), "").encode(), key.encode()):
         raise _Refused(401, API_KEY_HEADER, "missing or wrong API key (header X-API-Key)")
+    if DISCONNECT_DISABLED_HEADER in headers:
+        raise _Refused(400, DISCONNECT_DISABLED_HEADER, "cancellation cannot be switched off: a story whose client "
+                                                        "goes away stops drawing; send the request without this header")
     limit, length = Settings.max_body_bytes, headers.get("content-length", "")
     if limit and length.isdigit() and int(length) > limit:
         raise _Refused(413, "body", f"request body larger than {limit} bytes")

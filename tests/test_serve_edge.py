@@ -108,6 +108,20 @@ def test_a_stalled_or_trickled_body_is_408_within_the_deadline(server):
 
 
 @pytest.mark.slow
+def test_a_client_cannot_switch_off_cancellation(server):
+    """Ray Serve's proxy stops watching for a dropped client when a request says
+    ``x-request-disconnect-disabled: ?1``; the edge refuses such a request before drawing anything."""
+    import requests
+
+    url, _ = server
+    r = requests.post(url + "/v1/stories", json={"captions": [STORY[0]], "steps": 1},
+                      headers={"x-request-disconnect-disabled": "?1"}, timeout=30)
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "x-request-disconnect-disabled"
+    assert "cancellation" in r.json()["errors"][0]["message"]
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
 def test_head_is_200_on_the_get_routes(server):
     import requests
 
