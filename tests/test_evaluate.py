@@ -116,7 +116,7 @@ def test_evaluate_job_draws_every_row_scores_it_and_writes_table_one(ray_local, 
 
     zoo, work = tiny_work / "zoo", tmp_path / "work"
     cfg = load_config(repo / "configs" / "tiny.yaml", [
-        f"work_dir={work}", f"preprocess.output={records}", f"models.lm={zoo / 'opt'}", "evaluate.sample_steps=2", "evaluate.max_stories=1",
+        f"work_dir={work}", f"preprocess.output={records}", f"models.lm={zoo / 'opt'}", "evaluate.sample_steps=2", "evaluate.max_stories=2",
         "evaluate.long_story_frames=[6]", "evaluate.long_stories=1", "evaluate.captioner.max_new_tokens=4",
         *[f"models.{p}={zoo / p}" for p in ("clip_text", "clip_vision", "vae", "unet", "scheduler")]])
     torch.manual_seed(0)
@@ -131,12 +131,16 @@ def test_evaluate_job_draws_every_row_scores_it_and_writes_table_one(ray_local, 
     out = evaluate(cfg)
     assert json.loads((Path(out["output"]) / "scores.json").read_text())["results"] == out["results"]
     stories, frames = out["stories"], out["story_frames"]
-    assert stories == 1 and out["long_story_frames"] == [6]  # max_stories; the long run spans two stories
+    assert stories == 2 and out["long_story_frames"] == [6]  # max_stories; the long run spans two stories
     for row in cfg.evaluate.rows:  # every story of every row drawn, saved, scored
         saved = list((work / "evaluation").glob(f"*/frames/{row.replace('/', '-')}/{frames}/*.png"))
         assert len(saved) == stories * frames
         assert out["results"][row]["frames"] == stories * frames and "fid" in out["results"][row]
         assert 0 <= out["results"][row]["det_char_acc"] <= 1 and "6" in out["long_results"][row]
+    # every drawn frame carries its referential caption, so Det. Char-Acc splits by frame kind
+    kinds = {row: out["results"][row]["pronoun_frames"] for row in cfg.evaluate.rows}
+    assert len(set(kinds.values())) == 1 and 0 < kinds["storygpt/referential"] < stories * frames, kinds
+    assert "det_char_acc_pronoun" in out["results"]["char_ldm/referential"]
     truth = out["results"]["ground_truth"]
     assert truth["det_char_acc"] >= 0.9 and truth["det_bg_acc"] >= 0.9  # the exact detector on real frames
     assert truth["frames"] >= stories * frames

@@ -53,7 +53,7 @@ def _by_frame_kind(frames: list[dict]) -> dict[str, float]:
     """Det. Char-Acc on the frames whose referential caption has a pronoun and on the others: the
     first is what resolution buys, the second what the drawing path costs when nothing needs it."""
     pronoun = [f.get("referential_caption") not in (None, f["caption"]) for f in frames]
-    out = {}
+    out = {"pronoun_frames": sum(pronoun)}
     for name, kind in (("pronoun", True), ("named", False)):
         subset = [f for f, p in zip(frames, pronoun) if p == kind]
         if subset:
