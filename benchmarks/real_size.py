@@ -136,7 +136,7 @@ def batched_drawing(pipeline, device: str, batch: int = 8) -> dict:
             "batching_gain": round(out[batch] / out[1], 2)}
 
 
-def lm_loop(aligner, device: str, frames: int = 60) -> dict:
+def lm_loop(cfg, aligner, device: str, frames: int = 60) -> dict:
     sync = _sync(device)
     hidden = aligner.hidden
 
@@ -147,7 +147,7 @@ def lm_loop(aligner, device: str, frames: int = 60) -> dict:
 
     def timed(use_cache: bool, frames: int) -> list[float]:
         aligner.hidden = synced  # _lm_timing wraps it, then deletes the instance attribute
-        return _lm_timing(aligner, use_cache, frames, 1)[0]
+        return _lm_timing(cfg, aligner, use_cache, frames, 1)[0]
 
     timed(True, 3)  # warm-up
     cached, full = timed(True, frames), timed(False, frames)
@@ -185,7 +185,7 @@ def figures(size_name: str, device: str, work: Path) -> dict:
            "resolution": size["resolution"], "sample_steps": cfg.char_ldm.sample_steps,
            "guidance_scale": cfg.char_ldm.guidance_scale, "weights_written_s": round(written_s, 1),
            "load_s": round(load_s, 1), "story": story_latency(StoryGPTPipeline(cfg, aligner, pipeline), device),
-           "drawing": batched_drawing(pipeline, device), "lm_loop": lm_loop(aligner, device)}
+           "drawing": batched_drawing(pipeline, device), "lm_loop": lm_loop(cfg, aligner, device)}
     if device == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     return out
