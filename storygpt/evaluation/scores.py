@@ -66,15 +66,21 @@ def character_scores(pred_sets: Iterable, true_sets: Iterable) -> dict[str, floa
     return {"acc": sum(p == t for p, t in zip(pred, true)) / len(true), "f1": _f1(tp, fp, fn)}
 
 
+def _labelled_pairs(pred: Sequence, true: Sequence) -> list[tuple]:
+    """(prediction, true setting) of the frames that have a true setting (not None or "")."""
+    pred, true = list(pred), list(true)
+    if len(pred) != len(true):
+        raise ValueError(f"{len(pred)} predicted frames but {len(true)} true frames")
+    pairs = [(p, t) for p, t in zip(pred, true) if t is not None and t != ""]
+    if not pairs:
+        raise ValueError("no frames with a true setting to score")
+    return pairs
+
+
 def predicted_setting_scores(pred_sets: Sequence, true: Sequence) -> dict[str, float]:
     """BG-Acc (exact set match) and BG-F1 (micro) of the classifier's thresholded setting sets
     against one true setting per frame; frames without a true setting are not scored."""
-    pred_sets, true = list(pred_sets), list(true)
-    if len(pred_sets) != len(true):
-        raise ValueError(f"{len(pred_sets)} predicted frames but {len(true)} true frames")
-    pairs = [(p, t) for p, t in zip(pred_sets, true) if t is not None and t != ""]
-    if not pairs:
-        raise ValueError("no frames with a true setting to score")
+    pairs = _labelled_pairs(pred_sets, true)
     return character_scores([p for p, _ in pairs], [[t] for _, t in pairs])
 
 
@@ -87,12 +93,7 @@ def setting_scores(
     abstention (wrong, claims nothing); frames whose true setting is ``None`` or ``""`` (none
     annotated) are not scored.
     """
-    pred, true = list(pred), list(true)
-    if len(pred) != len(true):
-        raise ValueError(f"{len(pred)} predicted frames but {len(true)} true frames")
-    pairs = [(p, t) for p, t in zip(pred, true) if t is not None and t != ""]
-    if not pairs:
-        raise ValueError("no frames with a true setting to score")
+    pairs = _labelled_pairs(pred, true)
     acc = sum(p == t for p, t in pairs) / len(pairs)
     if average == "micro":
         tp = sum(p == t for p, t in pairs)
