@@ -95,7 +95,7 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
     real = lambda frames: np.stack([truth[f["id"]]["feature"] for f in frames])  # noqa: E731
     results: dict[str, dict] = {}
     results[GROUND_TRUTH] = summarize([truth[i] for i in frame_ids], None)  # human captions only: no self-reference
-    truth_captions = {i: r["generated_caption"] for i, r in truth.items()}
+    truth_captions = {i: json.loads(r["reference_captions"]) for i, r in truth.items()}
     long_results: dict[str, dict[int, dict]] = {}
     for row in ev.rows:
         for n in runs:
@@ -121,6 +121,8 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
         "seconds": round(time.perf_counter() - started, 1), "pipeline_s": round(pipeline_s, 1),
     }
     (output / "scores.json").write_text(json.dumps(summary, indent=1))
+    # what BLEU4 / CIDEr scored against: the captioner's best beams for each real frame
+    (output / "reference_captions.json").write_text(json.dumps({i: truth_captions[i] for i in frame_ids}, indent=1))
     summary["run_id"] = _track(cfg, output, results, long_results, summary["decomposition"])
     summary["table"] = table
     return summary
@@ -193,7 +195,9 @@ class ScoreFrames:
     def __init__(self, cfg: dict, threads: int, num_gpus: float, output: str):
         from storygpt.evaluation.scoring import FrameScorer
 
-        self.scorer = FrameScorer(StoryConfig.model_validate(cfg), _threads(threads, num_gpus))
+        cfg = StoryConfig.model_validate(cfg)
+        self.scorer = FrameScorer(cfg, _threads(threads, num_gpus))
+        self.references = cfg.evaluate.captioner.references
         self.output = Path(output)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -201,7 +205,16 @@ class ScoreFrames:
 
         rows = batch.to_pylist()
         images = [decode_png(r.pop("image")) for r in rows]
-        for row, scores, image in zip(rows, self.scorer(images), images):
+        truth = [k for k, r in enumerate(rows) if r["row"] == GROUND_TRUTH]
+        drawn = [k for k, r in enumerate(rows) if r["row"] != GROUND_TRUTH]
+        scored: dict[int, dict] = {}
+        for ks, references in ((truth, self.references), (drawn, 0)):  # only real frames get references
+            if ks:
+                scored.update(zip(ks, self.scorer([images[k] for k in ks], references)))
+        for k, (row, image) in enumerate(zip(rows, images)):
+            scores = scored[k]
+            # a JSON string: one column type whether or not a batch holds ground-truth frames
+            scores["reference_captions"] = json.dumps(scores.pop("reference_captions", []))
             row.update(scores, feature=scores["feature"].tolist())
             if row["row"] != GROUND_TRUTH:
                 path = self.output / "frames" / row["row"].replace("/", "-") / str(row["length"])
@@ -223,6 +236,7 @@ def _track(cfg: StoryConfig, output: Path, results: dict, long_results: dict, ra
                 for n, figures in d.items() for k, v in figures.items()}
     metrics |= {f"decomposition.{k}": v for k, v in ratios.items() if v is not None}
     tracker.log(metrics, step=0)
-    tracker.files([output / "table.md", output / "scores.json"], "evaluation")  # frames stay on disk
+    tracker.files([output / "table.md", output / "scores.json", output / "reference_captions.json"],
+                  "evaluation")  # frames stay on disk
     tracker.end()
     return tracker.run_id

@@ -39,16 +39,22 @@ def test_caption_scores_reward_the_right_caption():
 
 
 def test_bleu_and_cider_take_the_captioners_captions_of_the_real_frames_as_references():
-    """Paper appendix C.1: a generated frame's caption against the captioner's caption of the
-    ground-truth frame; the human caption gives the named extra columns."""
+    """Paper appendix C.1: a generated frame's caption against the captioner's captions (five
+    beams) of the ground-truth frame; the human caption gives the named extra columns."""
     frames = [{"id": i, "characters": ["Ada"], "setting": "beach", "pred_characters": ["Ada"], "pred_setting": None,
                "detected_characters": None, "caption": human, "generated_caption": said}
               for i, human, said in (("a", "Ada waves hello on the beach.", "ada is standing on the beach"),
                                      ("b", "Bruno reads a book in the kitchen.", "bruno is standing in the kitchen"))]
-    truth = {"a": "ada is standing on the beach", "b": "bruno is standing in the kitchen"}
+    truth = {"a": ["ada is standing on the beach"], "b": ["bruno is standing in the kitchen"]}
     figures = summarize(frames, None, truth)
     assert figures["bleu4"] == pytest.approx(1.0, abs=1e-6) and figures["bleu4_human"] < 0.5
     assert figures["cider"] > figures["cider_human"]
+    # every reference counts, not only the best beam: the match here is each frame's second caption
+    several = {"a": ["cleo sits in the forest", "ada is standing on the beach"],
+               "b": ["gus eats lunch in a cave", "bruno is standing in the kitchen"]}
+    best_only = {i: refs[:1] for i, refs in several.items()}
+    assert summarize(frames, None, several)["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert summarize(frames, None, best_only)["bleu4"] < 0.1
     assert "bleu4" not in summarize(frames, None)  # the ground-truth row: human captions only
 
 
@@ -144,6 +150,9 @@ def test_evaluate_job_draws_every_row_scores_it_and_writes_table_one(ray_local, 
     truth = out["results"]["ground_truth"]
     assert truth["det_char_acc"] >= 0.9 and truth["det_bg_acc"] >= 0.9  # the exact detector on real frames
     assert truth["frames"] >= stories * frames
+    references = json.loads((Path(out["output"]) / "reference_captions.json").read_text())
+    assert len(references) == truth["frames"]  # every real frame: its captioner's best beams
+    assert {len(r) for r in references.values()} == {cfg.evaluate.captioner.references}
     table = (work / "evaluation").glob("*/table.md").__next__().read_text()
     assert "| StoryGPT-V | referential |" in table and "| Ground truth |" in table and "by story length" in table
     mlflow.set_tracking_uri(tracking_uri(cfg.resolved()))

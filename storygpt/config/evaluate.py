@@ -30,6 +30,11 @@ class CaptionerConfig(Section):
 
     model: str = Field(description="BLIP-2 dir (save_pretrained layout); '{work_dir}' is substituted")
     max_new_tokens: int = Field(ge=1)
+    num_beams: int = Field(default=5, ge=1, description="beam width of every caption (LAVIS's BLIP-2 default, "
+                                                         "which the official evaluation used); 1: greedy")
+    references: int = Field(default=5, ge=1, description="captions of each ground-truth frame (its best beams): "
+                                                          "the references a generated frame's caption is scored "
+                                                          "against for BLEU4 / CIDEr (the paper: five)")
     batch_size: int = Field(ge=1, description="train-captioner: frames per step")
     max_steps: int = Field(ge=1, description="train-captioner: optimizer steps")
     learning_rate: float = Field(gt=0)

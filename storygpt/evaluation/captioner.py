@@ -48,14 +48,20 @@ _MISSING_HINT = "a BLIP-2 fine-tuned on the dataset's captions, in save_pretrain
 
 # ----------------------------------------------------------------------------- inference
 class Captioner:
-    """Greedy BLIP-2 captions for uint8 frames; ``caption`` is batched and gradient-free."""
+    """BLIP-2 captions for uint8 frames by beam search, batched and gradient-free. ``caption``: the
+    best beam per frame (a generated frame's caption); ``captions``: the best ``n`` beams (a real
+    frame's references). LAVIS's BLIP-2 ``generate``, which the official evaluation calls, searches
+    5 beams and returns the top ``num_captions`` of them; ``num_beams=1`` is greedy decoding."""
 
-    def __init__(self, model, processor, *, max_new_tokens: int = 40, batch_size: int = 16):
+    def __init__(self, model, processor, *, max_new_tokens: int = 40, batch_size: int = 16, num_beams: int = 5):
+        if num_beams < 1:
+            raise ValueError(f"captioner: num_beams must be >= 1, got {num_beams}")
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.num_beams = num_beams
         _complete_image_tokens(model, processor)
 
     @classmethod
@@ -66,48 +72,59 @@ class Captioner:
         *,
         max_new_tokens: int = 40,
         batch_size: int = 16,
+        num_beams: int = 5,
         dtype: torch.dtype | None = None,
     ) -> "Captioner":
         """Read a BLIP-2 directory (the tiny one or a real one). ``dtype`` None: float32 on CPU,
         bfloat16 on CUDA (the Q-Former stays float32 either way, as transformers keeps it)."""
         model, processor = load_blip2(directory, device, dtype)
-        return cls(model, processor, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return cls(model, processor, max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams)
 
     @classmethod
     def from_config(
         cls, cfg: StoryConfig, device: str | torch.device = "cpu", batch_size: int | None = None
     ) -> "Captioner":
-        """``evaluate.captioner.model`` with its ``max_new_tokens``; a missing dir names the key."""
+        """``evaluate.captioner.model`` with its ``max_new_tokens`` and ``num_beams``; a missing dir
+        names the key."""
         cap = cfg.evaluate.captioner
         directory = cfg.require_dir("evaluate.captioner.model", _MISSING_HINT)
         return cls.from_pretrained(directory, device, max_new_tokens=cap.max_new_tokens,
-                                   batch_size=batch_size or cap.batch_size)
+                                   batch_size=batch_size or cap.batch_size, num_beams=cap.num_beams)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.inference_mode()
     def caption(self, images: Sequence[np.ndarray]) -> list[str]:
-        """One caption per ``(H, W, 3)`` uint8 frame, greedy, at most ``max_new_tokens`` tokens."""
-        captions: list[str] = []
+        """One caption per ``(H, W, 3)`` uint8 frame: its best beam, at most ``max_new_tokens`` tokens."""
+        return [best for best, *_ in self.captions(images, 1)]
+
+    @torch.inference_mode()
+    def captions(self, images: Sequence[np.ndarray], n: int) -> list[list[str]]:
+        """The ``n`` best beams per frame, best first (``n`` above ``num_beams`` widens the search
+        to ``n`` beams: a beam search returns at most as many sequences as it keeps)."""
+        if n < 1:
+            raise ValueError(f"captioner: expected n >= 1 captions per frame, got {n}")
+        beams = max(self.num_beams, n)
+        out: list[list[str]] = []
         for start in range(0, len(images), self.batch_size):
             chunk = [_rgb(image) for image in images[start:start + self.batch_size]]
             pixels = _pixels(self.processor, chunk, self.device, self.model.dtype)
             prompt = prompt_ids(self.model, self.tokenizer, len(chunk)).to(self.device)
-            out = self.model.generate(
+            ids = self.model.generate(
                 pixel_values=pixels,
                 input_ids=prompt,
                 attention_mask=torch.ones_like(prompt),
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
-                num_beams=1,
+                num_beams=beams,
+                num_return_sequences=n,
                 **_generation_ids(self.model, self.tokenizer),
             )
-            out = out[:, prompt.shape[1]:]  # decoder-only: the prompt comes back first
-            for text in self.tokenizer.batch_decode(out, skip_special_tokens=True):
-                captions.append(text.strip().split("\n")[0].strip())
-        return captions
+            ids = ids[:, prompt.shape[1]:]  # decoder-only: the prompt comes back first
+            texts = [t.strip().split("\n")[0].strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            out += [texts[k:k + n] for k in range(0, len(texts), n)]  # generate returns a frame's n together
+        return out
 
 
 def load_blip2(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

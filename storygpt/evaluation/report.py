@@ -22,13 +22,13 @@ DETECTOR_COLUMNS = [("det_char_acc", "Det. Char-Acc ↑", "pct"), ("det_char_f1"
 
 
 def summarize(frames: list[dict], real_features: np.ndarray | None,
-              truth_captions: dict[str, str] | None = None) -> dict[str, float]:
+              truth_captions: dict[str, list[str]] | None = None) -> dict[str, float]:
     """One row's figures from its scored frames (each: the record's ``id``, ``characters``,
     ``setting``, ``caption`` beside the scorer's outputs). ``real_features``: the ground truth's,
-    for FID. ``truth_captions``: the captioner's caption of each ground-truth frame by id, the
-    references of BLEU4 / CIDEr as the paper scores them (appendix C.1: a generated frame's
-    caption against the captioner's captions of the real frame, not the human caption); the
-    human-caption variant is kept as ``bleu4_human`` / ``cider_human``."""
+    for FID. ``truth_captions``: the captioner's captions of each ground-truth frame by id (its
+    ``evaluate.captioner.references`` best beams), the references of BLEU4 / CIDEr as the paper
+    scores them (appendix C.1: one caption of a generated frame against five of the real frame,
+    not the human caption); the human-caption variant is kept as ``bleu4_human`` / ``cider_human``."""
     truth = [f["characters"] for f in frames]
     out = {"frames": len(frames)}
     out.update(_prefixed("char_", character_scores([f["pred_characters"] for f in frames], truth)))
@@ -45,7 +45,7 @@ def summarize(frames: list[dict], real_features: np.ndarray | None,
     out.update(_prefixed("", caption_scores({str(k): [f["caption"]] for k, f in enumerate(frames)}, generated),
                          suffix="_human"))
     if truth_captions is not None:
-        out.update(caption_scores({str(k): [truth_captions[f["id"]]] for k, f in enumerate(frames)}, generated))
+        out.update(caption_scores({str(k): list(truth_captions[f["id"]]) for k, f in enumerate(frames)}, generated))
     return out
 
 

@@ -29,10 +29,13 @@ class FrameScorer:
         self.tolerance = cfg.evaluate.detector_tolerance
 
     @torch.inference_mode()
-    def __call__(self, images: list[np.ndarray]) -> list[dict]:
+    def __call__(self, images: list[np.ndarray], references: int = 0) -> list[dict]:
+        """``references`` > 0 (ground-truth frames): each row also gets that many captions of the
+        frame, best first, under ``reference_captions``: what a generated frame's caption is scored
+        against. The first of them is the frame's own ``generated_caption`` either way."""
         char_probs, setting_probs, pooled = self.classifier.predict_with_features(images)
         features = pooled if self.fid is None else self.fid(images)  # one trunk pass either way
-        captions = self.captioner.caption(images)
+        beams = self.captioner.captions(images, max(references, 1))
         names = self.classifier.characters
         setting_sets = self.classifier.setting_sets(setting_probs) if setting_probs is not None else None
         rows = []
@@ -40,11 +43,13 @@ class FrameScorer:
             row = {
                 "pred_characters": [n for n, p in zip(names, char_probs[k]) if p > THRESHOLD],
                 "pred_setting": setting_sets[k] if setting_sets is not None else None,
-                "generated_caption": captions[k],
+                "generated_caption": beams[k][0],
                 "feature": np.asarray(features[k], dtype=np.float32),
                 "detected_characters": None,
                 "detected_setting": None,
             }
+            if references:
+                row["reference_captions"] = beams[k]
             if self.world:
                 from storygpt.world.detector import detect
 
