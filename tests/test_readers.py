@@ -9,10 +9,12 @@ from storygpt.data.errors import DatasetError
 from storygpt.data.images import load_image, load_masks
 from storygpt.data.readers import ReadOptions, read_stories
 
+BOXES_640 = (640, 480)  # the corpus' boxes are in 640x480 source pixels
+
 
 def test_flintstones_corpus_not_written_by_the_world(tmp_path):
     root = flintstones(tmp_path)
-    stories, report = read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", box_source_size=(640, 480), clip_frame=3))
+    stories, report = read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", box_source_size=BOXES_640, clip_frame=3))
     assert [s.story_id for s in stories] == [FLINT_IDS[0][0], FLINT_IDS[1][0]]
     first = stories[0].frames[0]
     assert first.characters == ["Wilma", "Mr. Slate"]
@@ -24,8 +26,22 @@ def test_flintstones_corpus_not_written_by_the_world(tmp_path):
     assert np.array_equal(load_image(first.image), clip[3])  # the configured sampled frame
 
 
+def test_boxes_in_another_coordinate_frame_are_refused_naming_box_source_size(tmp_path):
+    """The boxes' coordinate frame is checked, not assumed: boxes in 640x480 pixels read as
+    128-px frame pixels would reach 5x past the frame, and every mask and crop would be wrong."""
+    root = flintstones(tmp_path)
+    with pytest.raises(DatasetError, match=r"box_source_size: null .*reaches beyond the 128-px frame|"
+                                           r"reaches beyond the 128-px frame under data.box_source_size: null"):
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+    with pytest.raises(DatasetError, match=r"data.box_source_size: \[64, 48\]"):  # a wrong size, too
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", box_source_size=(64, 48)))
+    stories, report = read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", on_error="skip"))
+    assert stories == [] and all("box_source_size" in s.reason for s in report.skipped)  # skipped, and said why
+    assert read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", box_source_size=BOXES_640))[0]
+
+
 def test_flintstones_referential_across_frames(tmp_path):
-    stories, _ = read_stories("flintstones", flintstones(tmp_path), FLINTSTONES, ReadOptions(split="test"))
+    stories, _ = read_stories("flintstones", flintstones(tmp_path), FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="test"))
     frames = stories[0].frames
     # frame 2 has the same two characters, but they are not one coordinated phrase: unchanged
     assert frames[2].referential_caption == frames[2].caption
@@ -46,9 +62,9 @@ def test_bad_frame_files_raise_naming_file_and_id_or_are_skipped_and_counted(tmp
     damage(root)
     bad_id = FLINT_IDS[0][2]
     with pytest.raises(DatasetError, match=match) as err:
-        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="train"))
     assert bad_id in str(err.value) and f"{bad_id}.npy" in str(err.value)
-    stories, report = read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", on_error="skip"))
+    stories, report = read_stories("flintstones", root, FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="train", on_error="skip"))
     assert [s.story_id for s in stories] == [FLINT_IDS[1][0]]  # the good story is kept
     assert [(s.id, s.file.endswith(f"{bad_id}.npy")) for s in report.skipped] == [(bad_id, True)]
     assert report.summary()["skipped"] == 1
@@ -60,25 +76,25 @@ def test_ids_absent_from_split_or_annotations_are_named(tmp_path):
     following[FLINT_IDS[0][0]] = FLINT_IDS[0][1:3] + [FLINT_IDS[2][0], "s_09_e_09_shot_0_1"]
     (root / "following_cache4.pkl").write_bytes(pickle.dumps(following))
     with pytest.raises(DatasetError, match=rf"train-val-test_split.json \[id {FLINT_IDS[2][0]}\]: .*not in the 'train' split"):
-        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="train"))
     following[FLINT_IDS[0][0]] = FLINT_IDS[0][1:4] + ["s_09_e_09_shot_0_1"]
     (root / "following_cache4.pkl").write_bytes(pickle.dumps(following))
     with pytest.raises(DatasetError, match=r"flintstones_annotations_v1-0.json \[id s_09_e_09_shot_0_1\]: .*no annotation"):
-        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="train"))
 
 
 def test_structural_problems(tmp_path):
     root = flintstones(tmp_path)
     with pytest.raises(DatasetError, match="clip_frame 7 out of range: the clip has 5 frames"):
-        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", clip_frame=7))
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="train", clip_frame=7))
     with pytest.raises(DatasetError, match=r"following_cache3.pkl: required file is missing"):
-        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train", frames_per_story=4))
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="train", frames_per_story=4))
     with pytest.raises(DatasetError, match="expected a 'dev' list"):
-        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="dev"))
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="dev"))
     (root / "flintstones_annotations_v1-0.json").write_text(
         (root / "flintstones_annotations_v1-0.json").read_text().replace("[64, 48, 320, 240]", "[64, 48, 320]"))
     with pytest.raises(DatasetError, match=r"character Wilma: expected \[x0, y0, x1, y1\], got \[64.0, 48.0, 320.0\]"):
-        read_stories("flintstones", root, FLINTSTONES, ReadOptions(split="train"))
+        read_stories("flintstones", root, FLINTSTONES, ReadOptions(box_source_size=BOXES_640, split="train"))
 
 
 def test_storygptv_layout(tmp_path):
@@ -124,7 +140,8 @@ def test_the_method_variant_a_layout_allows_matches_the_boxes_its_reader_gives(t
     layouts = {"flintstones": (flintstones, FLINTSTONES, 5), "storygptv": (storygptv, FLINTSTONES, 4),
                "pororo": (pororo, PORORO, 5)}
     for fmt, (build, table, frames) in layouts.items():
-        options = ReadOptions(split="train", frames_per_story=frames, clip_frame=0)
+        boxes = BOXES_640 if fmt == "flintstones" else None
+        options = ReadOptions(split="train", frames_per_story=frames, clip_frame=0, box_source_size=boxes)
         stories, _ = read_stories(fmt, build(tmp_path / fmt), table, options)
         boxed = any(b is not None for s in stories for f in s.frames for b in f.boxes)
         assert boxed == HAS_BOXES[fmt], fmt

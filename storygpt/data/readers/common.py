@@ -86,6 +86,26 @@ def clip_problem(path: Path, clip_frame: int, size: int | None = None) -> str | 
     return None
 
 
+# How far a box may overhang its frame (a share of the side) before the reader calls its
+# coordinate frame wrong: annotators' boxes spill a little past the border; boxes in a larger
+# source frame (a 640x480 original against 128-px stored frames) overshoot by several times.
+BOX_OVERHANG = 0.1
+
+
+def box_frame_problem(box: Box, source: tuple[int, int] | None, frame_size: int | None) -> str | None:
+    """Why a scaled box cannot be in the stored frame's pixels, or None. This checks the
+    coordinate frame that ``data.box_source_size`` declares (null: frame pixels), which would
+    otherwise be assumed: a wrong one misplaces every box, mask, crop and L_reg target silently."""
+    if frame_size is None:
+        return None
+    limit = frame_size * (1 + BOX_OVERHANG)
+    if max(box) <= limit and min(box) >= -frame_size * BOX_OVERHANG:
+        return None
+    declared = f"data.box_source_size: {list(source)}" if source else "data.box_source_size: null (frame pixels)"
+    return (f"box {[round(v, 1) for v in box]} reaches beyond the {frame_size}-px frame under {declared}; "
+            "set data.box_source_size to the [width, height] the annotation's boxes are relative to")
+
+
 def scale_box(box: list[float], source: tuple[int, int] | None, frame_size: int | None) -> Box:
     x0, y0, x1, y1 = (float(v) for v in box)
     if source is not None and frame_size is not None:

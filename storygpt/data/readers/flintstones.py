@@ -17,7 +17,8 @@ from storygpt.data.characters import CharacterTable
 from storygpt.data.errors import Problems
 from storygpt.data.images import npy_clip_shape
 from storygpt.data.readers.common import (
-    ReadOptions, clip_problem, frame_size, read_json, read_pickle, resolve_character, scale_box, split_ids,
+    ReadOptions, box_frame_problem, clip_problem, frame_size, read_json, read_pickle, resolve_character, scale_box,
+    split_ids,
 )
 from storygpt.data.records import Frame, ImageSource, MaskSource, ReadReport, Story
 
@@ -85,8 +86,11 @@ class _Reader:
             raw = _box(char, self.opt.clip_frame)
             if raw is not None and (len(raw) != 4 or not all(isinstance(v, (int, float)) for v in raw)):
                 return self.problem(ANNOTATIONS, fid, f"character {name}: expected [x0, y0, x1, y1], got {raw!r}")
+            box = scale_box(raw, self.opt.box_source_size, size) if raw is not None else None
+            if box is not None and (why := box_frame_problem(box, self.opt.box_source_size, size)) is not None:
+                return self.problem(ANNOTATIONS, fid, f"character {name}: {why}")
             names.append(name)
-            boxes.append(scale_box(raw, self.opt.box_source_size, size) if raw is not None else None)
+            boxes.append(box)
             segment_ids.append(k + 1)
         masks = None
         mask_file = self.root / "masks" / f"{fid}.npy"
