@@ -32,9 +32,10 @@ DATA_URL_PREFIX = "data:image/png;base64,"
 class RequestError(ValueError):
     """A request the server refuses: ``field`` (dotted, e.g. ``captions[2]``) and why."""
 
-    def __init__(self, field: str, message: str, status: int = 422):
+    def __init__(self, field: str, message: str, status: int = 422, retry_after_s: int | None = None):
         super().__init__(f"{field}: {message}")
         self.field, self.message, self.status = field, message, status
+        self.headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
 
     def body(self) -> dict:
         return error_body([(self.field, self.message)])

@@ -45,10 +45,12 @@ def build_app(cfg: StoryConfig, char_ldm_dir: str | Path | None = None, aligner_
     data = cfg.model_dump(mode="json")
     ldm = CharLDMDeployment.options(**deployment_options(cfg.serve.char_ldm)).bind(data, char_ldm)
     llm = StoryLLMDeployment.options(**deployment_options(cfg.serve.llm)).bind(data, aligner, ldm)
-    # the ingress holds every story in flight while it waits on the LM
-    in_flight = cfg.serve.llm.max_ongoing_requests * cfg.serve.llm.max_replicas
-    return StoryAPI.options(max_ongoing_requests=in_flight, ray_actor_options={"num_cpus": INGRESS_CPUS}).bind(
-        llm, data, api_key)
+    # The ingress holds every request in flight (uploads being read, health checks, stories waiting
+    # on the LM): sized apart from the story budget, so 64 slow uploads cannot take every slot.
+    # Past max_queued_requests the Serve proxy answers 503 itself.
+    limits = cfg.serve.limits
+    return StoryAPI.options(max_ongoing_requests=limits.max_connections, max_queued_requests=limits.max_queued_requests,
+                            ray_actor_options={"num_cpus": INGRESS_CPUS}).bind(llm, data, api_key)
 
 
 def app_builder(args: dict) -> Application:

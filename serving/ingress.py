@@ -26,6 +26,7 @@ from serving.api import (ContinueRequest, RequestError, StoryJob, StoryRequest, 
 from serving.edge import API_KEY_HEADER, SECURITY_HEADERS, EdgeGuard, Settings, internal_error, page_csp
 
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
+RETRY_AFTER_S = 2  # a busy server's hint: about one tiny story's drawing time
 
 app = FastAPI(
     title="StoryGPT-V",
@@ -52,7 +53,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 @app.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(Exception)
@@ -75,6 +76,11 @@ class StoryAPI:
         self.defaults = (config.char_ldm.sample_steps, config.char_ldm.guidance_scale)
         self.resolution = config.char_ldm.resolution
         limits = self.limits
+        # stories drawn at once: what the LM deployments hold. The ingress itself holds many more
+        # requests (serve.limits.max_connections), so slow uploads and health checks never wait
+        # behind stories, and a story over this budget is a 503 at once, not a hidden queue.
+        self.story_slots = config.serve.llm.max_ongoing_requests * config.serve.llm.max_replicas
+        self.stories_in_flight = 0
         Settings.api_key = api_key or config.serve.api_key or os.environ.get("STORYGPT_API_KEY") or None
         Settings.body_timeout_s = limits.body_timeout_s
         # every reference image at its largest, base64-inflated, plus the captions and JSON around them
@@ -116,16 +122,28 @@ class StoryAPI:
               responses={200: {"content": {"text/event-stream": {}}}})
     async def stream(self, story: StoryRequest) -> StreamingResponse:
         job = check_story(story, self.limits, self.table, self.defaults)
+        self._check_a_slot_is_free()  # taken when the stream starts: a stream never started holds none
         return StreamingResponse(self._events(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def _check_a_slot_is_free(self) -> None:
+        if self.stories_in_flight >= self.story_slots:
+            raise RequestError("server", f"busy: {self.story_slots} stories are being drawn, the most this server "
+                                         "draws at once; retry shortly", status=503, retry_after_s=RETRY_AFTER_S)
+
     async def _collect(self, job: StoryJob) -> dict:
+        self._check_a_slot_is_free()
         started = time.perf_counter()
-        frames = await self.llm.generate.remote(job)
+        self.stories_in_flight += 1  # the event loop's thread only: no lock needed
+        try:
+            frames = await self.llm.generate.remote(job)
+        finally:
+            self.stories_in_flight -= 1
         return {"frames": frames, **self._summary(job, started)}
 
     async def _events(self, job: StoryJob):
         started, count = time.perf_counter(), 0
+        self.stories_in_flight += 1
         try:
             async for frame in self.llm.options(stream=True).stream.remote(job):
                 count += 1
@@ -133,6 +151,8 @@ class StoryAPI:
         except Exception as err:  # the stream has started (200 sent): report in band
             yield _event("error", internal_error("stream", err))
             return
+        finally:
+            self.stories_in_flight -= 1
         yield _event("done", {"count": count, **self._summary(job, started)})
 
     def _summary(self, job: StoryJob, started: float) -> dict:

@@ -107,6 +107,98 @@ def test_a_stalled_or_trickled_body_is_408_within_the_deadline(server):
     assert requests.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
 
 
+SLOW_UPLOADS = 80  # more than the 64 requests the ingress used to hold in all
+
+
+@pytest.mark.slow
+def test_slow_uploads_starve_neither_health_checks_nor_good_stories(server):
+    """80 clients that send headers and 10 of 1000 declared bytes, then nothing: each holds an
+    ingress slot until the body deadline, and the ingress holds far more than the stories it
+    draws, so /healthz and a good story are served meanwhile; every slow one then gets its 408."""
+    import requests
+
+    url, _ = server
+    address = urlsplit(url)
+    head = _head("/v1/stories", Content_Length="1000") + '{"captions"'
+    slow = []
+    for _ in range(SLOW_UPLOADS):
+        sock = socket.create_connection((address.hostname, address.port), timeout=BODY_TIMEOUT_S + 30)
+        sock.sendall(head.encode())
+        slow.append(sock)
+    opened = time.perf_counter()
+    try:
+        time.sleep(1)  # all of them in the ingress, reading
+        started = time.perf_counter()
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200
+        health_s = time.perf_counter() - started
+        started = time.perf_counter()
+        r = post(url, "/v1/stories", {"captions": STORY[:1], "steps": 1})
+        story_s = time.perf_counter() - started
+        assert r.status_code == 200 and len(r.json()["frames"]) == 1, r.text
+        print(f"under {SLOW_UPLOADS} slow uploads: /healthz {health_s:.3f} s, a 1-frame story {story_s:.3f} s")
+        assert health_s < 2 and time.perf_counter() - opened < BODY_TIMEOUT_S  # answered before any 408 freed a slot
+        for sock in slow:
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 408 and json.loads(response.read())["field"] == "body"
+    finally:
+        for sock in slow:
+            sock.close()
+    assert requests.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_stories_over_the_budget_are_503_with_retry_after_and_the_slot_comes_back(server):
+    """The ingress draws at most what the LM deployments hold (here 1 story, behind an LM that
+    takes 3 s); one more story is a 503 at once, in the error shape, with Retry-After, and
+    streams count too. Deployed beside the app under /busy."""
+    import requests
+    from ray import serve
+
+    from serving.ingress import StoryAPI
+
+    url, cfg = server
+
+    @serve.deployment(name="SlowLLM", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4)
+    class SlowLLM:
+        async def generate(self, job):
+            import asyncio
+
+            await asyncio.sleep(3)
+            return []
+
+        async def stream(self, job):
+            import asyncio
+
+            await asyncio.sleep(3)
+            yield {"index": 0}
+
+    one_slot = cfg.resolved().model_dump(mode="json")
+    one_slot["serve"]["llm"].update(max_ongoing_requests=1, min_replicas=1, max_replicas=1, target_ongoing_requests=1)
+    api = StoryAPI.options(ray_actor_options={"num_cpus": 0}).bind(SlowLLM.bind(), one_slot)
+    serve.run(api, name="edge-busy", route_prefix="/busy")
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            drawing = pool.submit(post, url, "/busy/v1/stories", {"captions": STORY[:1]})
+            time.sleep(1)
+            started = time.perf_counter()
+            busy = post(url, "/busy/v1/stories", {"captions": STORY[:1]})
+            assert busy.status_code == 503 and time.perf_counter() - started < 1.5
+            assert busy.json()["field"] == "server" and "busy" in busy.json()["detail"]
+            assert int(busy.headers["Retry-After"]) >= 1
+            assert requests.get(url + "/busy/healthz", timeout=5).status_code == 200  # not a story
+            assert drawing.result().status_code == 200
+        with requests.post(url + "/busy/v1/stories/stream", json={"captions": STORY[:1]}, stream=True,
+                           timeout=30) as streamed:  # the freed slot, now held by a stream
+            assert streamed.status_code == 200
+            time.sleep(0.5)  # the slot is taken as the stream's body starts, just after its headers
+            assert post(url, "/busy/v1/stories", {"captions": STORY[:1]}).status_code == 503
+            assert "event: frame" in streamed.text
+        assert post(url, "/busy/v1/stories", {"captions": STORY[:1]}).status_code == 200  # the stream gave it back
+    finally:
+        serve.delete("edge-busy")
+
+
 @pytest.mark.slow
 def test_a_client_cannot_switch_off_cancellation(server):
     """Ray Serve's proxy stops watching for a dropped client when a request says

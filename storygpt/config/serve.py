@@ -41,6 +41,11 @@ class ServeLimits(Section):
     max_image_side: int = Field(ge=1, description="reference image width/height in pixels")
     body_timeout_s: float = Field(default=10.0, gt=0, description="seconds a client has to send a whole "
                                   "request body (a slow or stalled upload gets 408 and frees its slot)")
+    max_connections: int = Field(default=1024, ge=1, description="requests the ingress holds at once: uploads "
+                                 "being read, health checks and stories; stories alone are held to what the "
+                                 "LM deployments draw at once (beyond it: 503 with Retry-After)")
+    max_queued_requests: int = Field(default=256, ge=1, description="requests the Serve proxy queues when the "
+                                     "ingress holds max_connections; beyond them it answers 503")
 
 
 class ServeConfig(Section):
