@@ -17,9 +17,10 @@ import io
 import math
 import unicodedata
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from storygpt.config import ServeLimits
 from storygpt.data.characters import CharacterTable
@@ -49,15 +50,24 @@ def error_body(errors: list[tuple[str, str]]) -> dict:
 
 
 # ----------------------------------------------------------------------------- request bodies
+def _integral(value):
+    """JSON has one number type: 3.0 is the integer 3 (as JSON Schema's ``integer`` says); 3.5,
+    strings and booleans stay refused by the strict check that follows."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     captions: list[str] = Field(min_length=1, description="one caption per frame, in order", examples=[
         ["Emma waves hello in the forest.", "Later, she sits down with Bruno.", "They eat lunch."]])
-    steps: int | None = Field(default=None, description="denoising steps (default: char_ldm.sample_steps)")
+    steps: Integer | None = Field(default=None, description="denoising steps (default: char_ldm.sample_steps)")
     guidance: float | None = Field(default=None, description="classifier-free guidance scale, >= 1 "
                                                              "(default: char_ldm.guidance_scale)")
-    seed: int = Field(default=0, description="frame i is drawn with seed + i: the same request, the same frames")
+    seed: Integer = Field(default=0, description="frame i is drawn with seed + i: the same request, the same frames")
 
 
 class StoryRequest(_Body):
@@ -72,7 +82,7 @@ class StoryRequest(_Body):
 class ContinueRequest(_Body):
     """``POST /v1/stories/continue``: draw ``captions``, then let the LM write and draw ``k`` more."""
 
-    k: int = Field(ge=0, description="frames the LM writes the caption of, after the given ones")
+    k: Integer = Field(ge=0, description="frames the LM writes the caption of, after the given ones")
 
 
 # ----------------------------------------------------------------------------- what a model runs
@@ -107,14 +117,14 @@ def _check_captions(captions: list[str], k: int, limits: ServeLimits) -> list[st
                                 f"{limits.max_frames} frames a story may have")
     out = []
     for i, caption in enumerate(captions):
+        if len(caption) > limits.max_caption_chars:  # as sent: the limit the OpenAPI document states
+            raise RequestError(f"captions[{i}]", f"at most {limits.max_caption_chars} characters, got {len(caption)}")
         text = " ".join(caption.split())  # newlines would end a caption inside the LM's context
         if not "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip():
             raise RequestError(f"captions[{i}]", "empty caption (nothing but spaces or zero-width characters)")
         bad = next((ch for ch in text if unicodedata.category(ch) in ("Cc", "Cs")), None)
         if bad is not None:  # NUL, terminal escapes, lone UTF-16 surrogates (not encodable as UTF-8)
             raise RequestError(f"captions[{i}]", f"control or surrogate character U+{ord(bad):04X} is not allowed")
-        if len(text) > limits.max_caption_chars:
-            raise RequestError(f"captions[{i}]", f"at most {limits.max_caption_chars} characters, got {len(text)}")
         out.append(text)
     return out
 

@@ -18,11 +18,13 @@ from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.api import (ContinueRequest, RequestError, StoryJob, StoryRequest, check_continuation, check_story,
-                         describe_errors)
+                         describe_errors, error_body)
+from serving.contract import contract
 from serving.edge import API_KEY_HEADER, SECURITY_HEADERS, EdgeGuard, Settings, internal_error, page_csp
 
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
@@ -49,6 +51,14 @@ def _event(name: str, data: dict) -> str:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     status, body = describe_errors(list(exc.errors()))
     return JSONResponse(body, status_code=status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's and Starlette's own refusals (a body that is not UTF-8 JSON, an unknown path or
+    method) in the one documented error shape; their headers (``Allow`` on a 405) kept."""
+    field = {400: "body", 404: "path", 405: "method"}.get(exc.status_code, "request")
+    return JSONResponse(error_body([(field, str(exc.detail))]), status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(RequestError)
@@ -83,6 +93,9 @@ class StoryAPI:
         self.stories_in_flight = 0
         Settings.api_key = api_key or config.serve.api_key or os.environ.get("STORYGPT_API_KEY") or None
         Settings.body_timeout_s = limits.body_timeout_s
+        # the OpenAPI document at /openapi.json: the limits, statuses and security served here
+        app.openapi_schema = None  # FastAPI caches the document: build it from the plain one
+        app.openapi_schema = contract(app.openapi(), limits, self.table.names, bool(Settings.api_key))
         # every reference image at its largest, base64-inflated, plus the captions and JSON around them
         Settings.max_body_bytes = (limits.max_reference_images * (4 * limits.max_image_bytes // 3 + 64)
                                   + limits.max_frames * (limits.max_caption_chars * 4 + 16) + 65536)
