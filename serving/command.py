@@ -1,7 +1,7 @@
 """storygpt serve --config C [--set k=v] [--host H] [--port P]: the API and web page, locally.
 
 Starts a local Ray, deploys :func:`serving.app.build_app` on ``serve.host:serve.port``
-(127.0.0.1 unless told otherwise), prints the URL and serves until Ctrl-C. ``--model-uri
+(127.0.0.1 unless told otherwise), prints the URL and serves until Ctrl-C or SIGTERM (either stops Serve and the Ray it started). ``--model-uri
 models:/<experiment>-aligner/<version>`` (or ``@alias``) serves a registered story model instead:
 its trained parts and the config it was trained with come from the MLflow registry
 (storygpt/registry.py), ``--set`` adjusts that config. On a cluster use
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import time
 
@@ -44,7 +45,14 @@ def run(args) -> int:
     check_port_free(host, port)
     application = build_app(cfg, args.char_ldm, args.aligner)  # a missing export fails before Ray starts
     url = start(application, host, port)
+    # `kill`, systemd, docker stop: the Ctrl-C path below. Set after ray.init, whose own handler
+    # exits without stopping Serve first, and two Ray agents outlived the server that way.
+    signal.signal(signal.SIGTERM, _interrupt)
     keyed = bool(cfg.serve.api_key or os.environ.get("STORYGPT_API_KEY"))
+    if _is_loopback(host) and (exposed := exposed_ports()):
+        print(f"note: Ray listens beyond loopback on {len(exposed)} ports ({', '.join(exposed)}): Ray "
+              f"{ray_version()} binds its gRPC servers to every interface and cannot be told otherwise; "
+              "keep them behind a firewall on a shared or exposed machine (docs/serving.md, Security)", flush=True)
     if not _is_loopback(host):
         print(f"warning: listening on {host}: reachable from other machines"
               + ("" if keyed else " with NO API key (set serve.api_key or $STORYGPT_API_KEY)"), flush=True)
@@ -89,10 +97,47 @@ def start(application, host: str, port: int, ray_init: bool = True) -> str:
     from ray import serve
 
     if ray_init and not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **_ray_network(host))
     serve.start(http_options={"host": host, "port": port})
     serve.run(application, name=APP_NAME, route_prefix="/")
     return f"http://{_url_host(host)}:{port}"
+
+
+def _ray_network(host: str) -> dict:
+    """Serving on loopback: no Prometheus exporter on the Ray agent (its endpoint is unauthenticated
+    and listens on every interface). What else Ray opens cannot be moved: ``_node_ip_address=
+    "127.0.0.1"`` is turned back into the machine's address by ray.init (2.60), and its gRPC
+    servers bind every interface whatever the node address (:func:`exposed_ports` names them)."""
+    return {"_system_config": {"enable_metrics_collection": False}} if _is_loopback(host) else {}
+
+
+def exposed_ports() -> list[str]:
+    """``name:port`` of every socket this process and its descendants (the local Ray) listen on
+    beyond loopback."""
+    import psutil
+
+    found = set()
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            name = proc.name()
+            listening = [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for conn in listening:
+            if not ipaddress.ip_address(conn.laddr.ip).is_loopback:
+                found.add(f"{name}:{conn.laddr.port}")
+    return sorted(found)
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def stop() -> None:

@@ -5,6 +5,7 @@ Untrained tiny exports: the plumbing is under test, not the pictures."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -164,6 +166,26 @@ def test_storygpt_serve_serves_a_registry_version(registry, tmp_path):
         reply = requests.post(f"http://127.0.0.1:{port}/v1/stories", json={"captions": STORY, "steps": 2}, timeout=300)
         assert reply.status_code == 200, reply.text
         assert [f["caption"] for f in reply.json()["frames"]] == STORY
+
+        # what listens: the API on loopback only; every socket of the server's processes that Ray
+        # opens beyond loopback is named, at start, in the one note line
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        beyond, api = set(), set()
+        for p in tree:
+            for conn in p.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    (api if conn.laddr.port == port else beyond).add((p.name(), conn.laddr.ip, conn.laddr.port))
+        assert {ip for _, ip, _ in api} == {"127.0.0.1"}, api
+        beyond = {(name, p) for name, ip, p in beyond if not ipaddress.ip_address(ip).is_loopback}
+        note = next(line for line in log.read_text().splitlines() if line.startswith("note: Ray listens beyond loopback"))
+        assert all(f"{name}:{p}" in note for name, p in beyond), (beyond, note)
+        print(f"beyond loopback: {len(beyond)} sockets of {len(tree)} processes")
+
+        proc.send_signal(signal.SIGTERM)  # `kill PID`: the server stops Serve and its Ray, agents included
+        proc.wait(timeout=90)
+        time.sleep(2)
+        left = [p for p in tree[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], [(p.pid, p.name()) for p in left]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the command shuts Serve and its Ray down
