@@ -28,6 +28,7 @@ from storygpt.data.characters import CharacterTable
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_SEED = 2**62  # seed + frame index stays a valid torch seed
 DATA_URL_PREFIX = "data:image/png;base64,"
+MAX_PNG_CHUNKS = 64  # ahead of the image data (see _check_png_chunks)
 
 
 class RequestError(ValueError):
@@ -172,6 +173,7 @@ def decode_png(data: str, field: str, limits: ServeLimits) -> np.ndarray:
         raise RequestError(field, f"image larger than {limits.max_image_bytes} bytes", status=413)
     if not raw.startswith(PNG_SIGNATURE):
         raise RequestError(field, "not a PNG image (expected base64 of a .png file)")
+    _check_png_chunks(raw, field)
     try:
         with Image.open(io.BytesIO(raw)) as image:
             width, height = image.size  # from the header: checked before any pixel is decoded
@@ -184,6 +186,21 @@ def decode_png(data: str, field: str, limits: ServeLimits) -> np.ndarray:
     except Exception as err:  # PIL: truncated or corrupt data
         raise RequestError(field, f"not a readable PNG ({type(err).__name__})") from None
     return pixels
+
+
+def _check_png_chunks(raw: bytes, field: str) -> None:
+    """At most MAX_PNG_CHUNKS chunks before the image data. PIL parses every chunk ahead of IDAT
+    in Python: one legal 4 MB image made of tiny text chunks costs about a second of CPU, and a
+    request carries several; an image needs a handful (IHDR, PLTE, a few metadata chunks)."""
+    offset = len(PNG_SIGNATURE)
+    for _ in range(MAX_PNG_CHUNKS):
+        if offset + 8 > len(raw):
+            return  # truncated: PIL says so, below
+        length = int.from_bytes(raw[offset:offset + 4], "big")
+        if raw[offset + 4:offset + 8] in (b"IDAT", b"IEND"):
+            return
+        offset += 12 + length  # length, type, data, CRC
+    raise RequestError(field, f"PNG has more than {MAX_PNG_CHUNKS} chunks before its image data")
 
 
 # ----------------------------------------------------------------------------- 422 messages

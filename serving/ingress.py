@@ -9,9 +9,11 @@ call needs the header ``X-API-Key``; ``/``, ``/healthz``, ``/v1/info`` and the d
 goes to the replica's log under that id.
 """
 
+import asyncio
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Security
@@ -28,6 +30,7 @@ from serving.contract import contract
 from serving.edge import API_KEY_HEADER, SECURITY_HEADERS, EdgeGuard, Settings, internal_error, page_csp
 
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
+CHECK_THREADS = 2
 RETRY_AFTER_S = 2  # a busy server's hint: about one tiny story's drawing time
 
 app = FastAPI(
@@ -91,6 +94,8 @@ class StoryAPI:
         # behind stories, and a story over this budget is a 503 at once, not a hidden queue.
         self.story_slots = config.serve.llm.max_ongoing_requests * config.serve.llm.max_replicas
         self.stories_in_flight = 0
+        # the checks of CHECK_THREADS requests at a time: what decoding reference images may take of the CPU
+        self.checks = ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="checks")
         Settings.api_key = api_key or config.serve.api_key or os.environ.get("STORYGPT_API_KEY") or None
         Settings.body_timeout_s = limits.body_timeout_s
         # the OpenAPI document at /openapi.json: the limits, statuses and security served here
@@ -121,23 +126,28 @@ class StoryAPI:
     @app.post("/v1/stories", summary="draw a story: one frame per caption",
               dependencies=[Security(api_key_header)])
     async def stories(self, story: StoryRequest) -> dict:
-        job = check_story(story, self.limits, self.table, self.defaults)
+        job = await self._checked(check_story, story, self.limits, self.table, self.defaults)
         return await self._collect(job)
 
     @app.post("/v1/stories/continue", summary="draw the captions, then let the LM write and draw k more",
               dependencies=[Security(api_key_header)])
     async def continue_story(self, story: ContinueRequest) -> dict:
-        job = check_continuation(story, self.limits, self.defaults)
+        job = await self._checked(check_continuation, story, self.limits, self.defaults)
         return await self._collect(job)
 
     @app.post("/v1/stories/stream", summary="as /v1/stories, as server-sent events: `frame` per frame, then `done`",
               dependencies=[Security(api_key_header)], response_class=StreamingResponse,
               responses={200: {"content": {"text/event-stream": {}}}})
     async def stream(self, story: StoryRequest) -> StreamingResponse:
-        job = check_story(story, self.limits, self.table, self.defaults)
+        job = await self._checked(check_story, story, self.limits, self.table, self.defaults)
         self._check_a_slot_is_free()  # taken when the stream starts: a stream never started holds none
         return StreamingResponse(self._events(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _checked(self, check, *args) -> StoryJob:
+        """A request's checks (PNG decoding included) on the checking threads, not the event loop:
+        /healthz and the other requests are served while an expensive one is read."""
+        return await asyncio.get_running_loop().run_in_executor(self.checks, check, *args)
 
     def _check_a_slot_is_free(self) -> None:
         if self.stories_in_flight >= self.story_slots:

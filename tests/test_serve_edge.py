@@ -199,6 +199,61 @@ def test_stories_over_the_budget_are_503_with_retry_after_and_the_slot_comes_bac
         serve.delete("edge-busy")
 
 
+def _png_of_text_chunks(size: int) -> bytes:
+    """A valid 8x8 PNG whose ``size`` bytes are nearly all tiny tEXt chunks ahead of the image:
+    legal, within the byte cap, and slow for PIL, which parses every chunk in Python."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+    tail = chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + b"\x80" * 24 for _ in range(8)))) + chunk(b"IEND", b"")
+    text = chunk(b"tEXt", b"a\x00b")
+    return head + text * ((size - len(head) - len(tail)) // len(text)) + tail
+
+
+def test_a_png_with_too_many_chunks_is_refused_before_pil_parses_them():
+    from serving.api import MAX_PNG_CHUNKS, RequestError, decode_png
+    from storygpt.config import ServeLimits
+
+    limits = ServeLimits(max_frames=1, max_caption_chars=1, max_steps=1, max_guidance=1, max_reference_images=1,
+                         max_image_bytes=4_000_000, max_image_side=64)
+    bulky = _png_of_text_chunks(3_000_000)
+    started = time.perf_counter()
+    with pytest.raises(RequestError, match=f"more than {MAX_PNG_CHUNKS} chunks") as err:
+        decode_png(base64.b64encode(bulky).decode(), "reference_images['Emma']", limits)
+    assert err.value.field == "reference_images['Emma']" and time.perf_counter() - started < 0.5
+    few = _png_of_text_chunks(600)  # a handful of metadata chunks: an ordinary PNG
+    assert decode_png(base64.b64encode(few).decode(), "x", limits).shape == (8, 8, 3)
+
+
+@pytest.mark.slow
+def test_checking_an_expensive_request_does_not_stall_the_event_loop(server):
+    """The request checks run on their own threads: while a legal 28 MB request of seven
+    chunk-stuffed PNGs is read and refused, /healthz keeps answering at once."""
+    import requests
+
+    url, cfg = server
+    names = cfg.resolved().serve.limits.max_reference_images
+    image = base64.b64encode(_png_of_text_chunks(cfg.serve.limits.max_image_bytes - 1000)).decode()
+    characters = ["Ada", "Bruno", "Cleo", "Dario", "Emma", "Felix", "Gus"][:min(7, names)]
+    body = {"captions": [STORY[0]], "steps": 1, "reference_images": {n: image for n in characters}}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        heavy = pool.submit(post, url, "/v1/stories", body)
+        latencies = []
+        while not heavy.done():
+            started = time.perf_counter()
+            assert requests.get(url + "/healthz", timeout=10).status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.05)
+        answer = heavy.result()
+    print(f"/healthz during the heavy request: {len(latencies)} probes, max {max(latencies, default=0):.3f} s")
+    assert answer.status_code == 422 and answer.json()["field"] == f"reference_images[{characters[0]!r}]", answer.text
+    assert latencies and max(latencies) < 1.0
+
+
 @pytest.mark.slow
 def test_a_client_cannot_switch_off_cancellation(server):
     """Ray Serve's proxy stops watching for a dropped client when a request says
