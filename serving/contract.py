@@ -40,6 +40,7 @@ STORY_ERRORS = {
     "400": "malformed JSON, or a header that would switch off cancellation",
     "401": "the API key is missing or wrong",
     "408": "the body did not arrive within serve.limits.body_timeout_s",
+    "411": "a chunked body: send it with Content-Length",
     "413": "the body or a reference image is over its cap",
     "422": "a field is invalid or over a limit (the field is named)",
     "500": "an unexpected failure; the detail is in the server log under error_id",

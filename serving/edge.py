@@ -2,10 +2,10 @@
 
 For every response: ``nosniff``, ``no-referrer`` and ``DENY`` framing headers, and HEAD answered as
 the GET without its body. Under ``/v1/stories``: Ray's header that switches off cancellation
-(400), the API key (401) and a declared
+(400), the API key (401), a chunked body (411: its size is unknown until read) and a declared
 ``Content-Length`` over the cap (413) before a byte of body is read; then the body itself, counted
-as it arrives, whatever the transfer encoding: over the cap → 413 at once, not complete within
-``serve.limits.body_timeout_s`` → 408. The route then gets the body already read (it is bounded).
+as it arrives: over the cap → 413 at once, not complete within ``serve.limits.body_timeout_s`` →
+408. The route then gets the body already read (it is bounded).
 
 Plain ASGI on purpose: ``@app.middleware("http")`` hands over a ``Request`` whose body nothing
 bounds, and an exception raised in ``receive`` under FastAPI turns into a generic 400.
@@ -139,6 +139,12 @@ def _check_headers(scope) -> None:
         raise _Refused(400, DISCONNECT_DISABLED_HEADER, "cancellation cannot be switched off: a story whose client "
                                                         "goes away stops drawing; send the request without this header")
     limit, length = Settings.max_body_bytes, headers.get("content-length", "")
+    if "transfer-encoding" in headers and not length:
+        # A chunked body's size is known only once read, and Ray Serve's proxy hands a replica
+        # all it has buffered at each read: a 100 MB chunked upload, refused at the cap, still
+        # grew the ingress by 263 MiB. A declared length is checked before any byte is read.
+        raise _Refused(411, "content-length", "send the body with a Content-Length header; "
+                                              "chunked request bodies are not accepted")
     if limit and length.isdigit() and int(length) > limit:
         raise _Refused(413, "body", f"request body larger than {limit} bytes")
 
