@@ -34,6 +34,7 @@ CHECK_THREADS = 2
 RETRY_AFTER_S = 2  # a busy server's hint: about one tiny story's drawing time
 
 app = FastAPI(
+    redirect_slashes=False,  # its redirect copies the client's Host header into Location: a 404 instead
     title="StoryGPT-V",
     version="1.0",
     summary="Story visualisation: captions in (names and pronouns), consistent frames out.",

@@ -269,6 +269,22 @@ def test_checking_an_expensive_request_does_not_stall_the_event_loop(server):
 
 
 @pytest.mark.slow
+def test_odd_requests_get_the_documented_error_shape_and_no_redirect(server):
+    """Invalid UTF-8, JSON nested past the parser's depth, a trailing slash with a foreign Host:
+    each a 4xx in the one error shape; no Location header built from the client's Host."""
+    import requests
+
+    url, _ = server
+    for raw, status in ((b'{"captions": ["\xff\xfe"]}', 400), (b"[" * 100_000 + b"]" * 100_000, 400)):
+        r = requests.post(url + "/v1/stories", data=raw, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == status and r.json()["field"] == "body" and set(r.json()) >= {"detail", "errors"}, r.text
+    r = requests.get(url + "/healthz/", headers={"Host": "evil.example"}, allow_redirects=False, timeout=10)
+    assert r.status_code == 404 and "location" not in r.headers and r.json()["field"] == "path", (r.status_code, r.text)
+    r = requests.delete(url + "/v1/stories", timeout=10)
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["field"] == "method"
+
+
+@pytest.mark.slow
 def test_a_client_cannot_switch_off_cancellation(server):
     """Ray Serve's proxy stops watching for a dropped client when a request says
     ``x-request-disconnect-disabled: ?1``; the edge refuses such a request before drawing anything."""
