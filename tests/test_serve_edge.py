@@ -284,6 +284,30 @@ def test_odd_requests_get_the_documented_error_shape_and_no_redirect(server):
     assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["field"] == "method"
 
 
+def _cpu_seconds(name: str) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in psutil.process_iter(["name"]) if p.info["name"].endswith(name))
+
+
+@pytest.mark.slow
+def test_a_dropped_stream_stops_drawing(server):
+    """A 12-frame, 50-step story (18 s of drawing here, whole), dropped after its first frame: the
+    Char-LDM replicas go quiet within the frame in hand, instead of drawing the other 11."""
+    import requests
+
+    url, _ = server
+    story = {"captions": [STORY[k % len(STORY)] for k in range(12)], "steps": 50}
+    with requests.post(url + "/v1/stories/stream", json=story, stream=True, timeout=120) as streamed:
+        assert streamed.status_code == 200
+        lines = streamed.iter_lines()
+        assert any(line.startswith(b"event: frame") for line in lines)  # frame 1 arrived: drop the rest
+    time.sleep(4)  # the frame in hand may finish
+    before = _cpu_seconds("ServeReplica:storygpt:CharLDM")
+    time.sleep(4)
+    busy = _cpu_seconds("ServeReplica:storygpt:CharLDM") - before
+    print(f"Char-LDM replicas' CPU in the 4 s window after the drop: {busy:.2f} s")
+    assert busy < 1.0, busy  # drawing on, they would use about 4 s of it
+
+
 @pytest.mark.slow
 def test_a_client_cannot_switch_off_cancellation(server):
     """Ray Serve's proxy stops watching for a dropped client when a request says
