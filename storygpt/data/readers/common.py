@@ -86,24 +86,38 @@ def clip_problem(path: Path, clip_frame: int, size: int | None = None) -> str | 
     return None
 
 
-# How far a box may overhang its frame (a share of the side) before the reader calls its
-# coordinate frame wrong: annotators' boxes spill a little past the border; boxes in a larger
-# source frame (a 640x480 original against 128-px stored frames) overshoot by several times.
-BOX_OVERHANG = 0.1
+class BoxFrameCheck:
+    """Whether the annotation boxes are in the coordinate frame ``data.box_source_size`` declares
+    (null: the stored frame's pixels), checked over a whole read rather than assumed: a wrong
+    frame misplaces every box, mask, crop and L_reg target silently. A box reaching more than
+    ``OVERHANG`` of the side past its frame counts against it; one stray box is an annotation
+    error that validation drops, but when more than ``SHARE`` of all boxes do, the declared frame
+    is wrong and the read stops with an error naming the key, whatever ``on_error`` says."""
 
+    OVERHANG = 0.1  # annotators' boxes spill a little past the border; a 640x480 box in 128 px, 5x
+    SHARE = 0.1
 
-def box_frame_problem(box: Box, source: tuple[int, int] | None, frame_size: int | None) -> str | None:
-    """Why a scaled box cannot be in the stored frame's pixels, or None. This checks the
-    coordinate frame that ``data.box_source_size`` declares (null: frame pixels), which would
-    otherwise be assumed: a wrong one misplaces every box, mask, crop and L_reg target silently."""
-    if frame_size is None:
-        return None
-    limit = frame_size * (1 + BOX_OVERHANG)
-    if max(box) <= limit and min(box) >= -frame_size * BOX_OVERHANG:
-        return None
-    declared = f"data.box_source_size: {list(source)}" if source else "data.box_source_size: null (frame pixels)"
-    return (f"box {[round(v, 1) for v in box]} reaches beyond the {frame_size}-px frame under {declared}; "
-            "set data.box_source_size to the [width, height] the annotation's boxes are relative to")
+    def __init__(self, source: tuple[int, int] | None):
+        self.source, self.seen, self.beyond, self.example = source, 0, 0, None
+
+    def see(self, box: Box, frame_size: int | None, item_id: str) -> None:
+        if frame_size is None:
+            return
+        self.seen += 1
+        margin = frame_size * self.OVERHANG
+        if max(box) > frame_size + margin or min(box) < -margin:
+            self.beyond += 1
+            self.example = self.example or (item_id, box, frame_size)
+
+    def verdict(self, file: str) -> None:
+        if self.beyond <= self.SHARE * self.seen:
+            return
+        item_id, box, frame_size = self.example
+        declared = f"{list(self.source)}" if self.source else "null (the stored frame's pixels)"
+        raise DatasetError(file, item_id, f"{self.beyond} of {self.seen} boxes reach beyond their {frame_size}-px "
+                                          f"frame (e.g. {[round(v, 1) for v in box]}) under data.box_source_size: "
+                                          f"{declared}; set data.box_source_size to the [width, height] the "
+                                          "annotation's boxes are relative to")
 
 
 def scale_box(box: list[float], source: tuple[int, int] | None, frame_size: int | None) -> Box:
