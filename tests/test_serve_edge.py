@@ -128,17 +128,23 @@ SLOW_UPLOADS = 80  # more than the 64 requests the ingress used to hold in all
 def test_slow_uploads_starve_neither_health_checks_nor_good_stories(server):
     """80 clients that send headers and 10 of 1000 declared bytes, then nothing: each holds an
     ingress slot until the body deadline, and the ingress holds far more than the stories it
-    draws, so /healthz and a good story are served meanwhile; every slow one then gets its 408."""
+    draws, so /healthz and a good story are served meanwhile; every slow one then gets its 408.
+    80 more never finish their headers: those stay with Serve's proxy (it has no header deadline),
+    which takes no ingress slot, and serve everyone else all the same."""
     import requests
 
     url, _ = server
     address = urlsplit(url)
     head = _head("/v1/stories", Content_Length="1000") + '{"captions"'
-    slow = []
+    slow, headers_only = [], []
     for _ in range(SLOW_UPLOADS):
         sock = socket.create_connection((address.hostname, address.port), timeout=BODY_TIMEOUT_S + 30)
         sock.sendall(head.encode())
         slow.append(sock)
+    for _ in range(SLOW_UPLOADS):  # and as many that never finish their headers: held by Serve's proxy alone
+        sock = socket.create_connection((address.hostname, address.port), timeout=BODY_TIMEOUT_S + 30)
+        sock.sendall(b"POST /v1/stories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: app")
+        headers_only.append(sock)
     opened = time.perf_counter()
     try:
         time.sleep(1)  # all of them in the ingress, reading
@@ -155,8 +161,9 @@ def test_slow_uploads_starve_neither_health_checks_nor_good_stories(server):
             response = http.client.HTTPResponse(sock)
             response.begin()
             assert response.status == 408 and json.loads(response.read())["field"] == "body"
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200  # the half-headed ones still open
     finally:
-        for sock in slow:
+        for sock in slow + headers_only:
             sock.close()
     assert requests.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
 
