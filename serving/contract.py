@@ -25,6 +25,8 @@ import unicodedata
 
 from storygpt.config import ServeLimits
 
+from serving.api import MAX_SEED
+
 ERROR_BODY = {
     "type": "object", "required": ["detail", "field", "errors"],
     "properties": {
@@ -46,7 +48,6 @@ STORY_ERRORS = {
     "500": "an unexpected failure; the detail is in the server log under error_id",
     "503": "the server draws as many stories as it can; retry after Retry-After seconds",
 }
-MAX_SEED = 2**62
 
 
 @functools.cache
@@ -55,7 +56,7 @@ def caption_pattern() -> str:
     same rule as :func:`serving.api._check_captions`, which first folds every run of whitespace
     (control characters such as tab and newline included) into one space. Whitespace and format
     characters such as zero-width spaces do not count as visible. Lone UTF-16 surrogates (only
-    possible as ``\ud800``-style JSON escapes) are refused too, but left out of the pattern: the
+    possible as ``\\ud800``-style JSON escapes) are refused too, but left out of the pattern: the
     regex engines of schema validators work on UTF-8 text, which has none, and refuse such a class."""
     banned, invisible = [], []
     for code in CODE_POINTS:
