@@ -158,12 +158,17 @@ def check_reference_images(images: dict[str, str], limits: ServeLimits, table: C
     return out
 
 
+def max_image_chars(limits: ServeLimits) -> int:
+    """The longest base64 text (its data: prefix removed) a reference image may arrive as."""
+    return 4 * math.ceil(limits.max_image_bytes / 3) + 4
+
+
 def decode_png(data: str, field: str, limits: ServeLimits) -> np.ndarray:
     from PIL import Image
 
     if data.startswith(DATA_URL_PREFIX):
         data = data[len(DATA_URL_PREFIX):]
-    if len(data) > 4 * math.ceil(limits.max_image_bytes / 3) + 4:  # before decoding anything
+    if len(data) > max_image_chars(limits):  # before decoding anything
         raise RequestError(field, f"image larger than {limits.max_image_bytes} bytes", status=413)
     try:
         raw = base64.b64decode(data, validate=True)

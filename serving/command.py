@@ -1,7 +1,8 @@
 """storygpt serve --config C [--set k=v] [--host H] [--port P]: the API and web page, locally.
 
 Starts a local Ray, deploys :func:`serving.app.build_app` on ``serve.host:serve.port``
-(127.0.0.1 unless told otherwise), prints the URL and serves until Ctrl-C or SIGTERM (either stops Serve and the Ray it started). ``--model-uri
+(127.0.0.1 unless told otherwise), prints the URL and serves until Ctrl-C or SIGTERM (either
+stops Serve, then the Ray it started). ``--model-uri
 models:/<experiment>-aligner/<version>`` (or ``@alias``) serves a registered story model instead:
 its trained parts and the config it was trained with come from the MLflow registry
 (storygpt/registry.py), ``--set`` adjusts that config. On a cluster use

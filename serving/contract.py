@@ -25,7 +25,7 @@ import unicodedata
 
 from storygpt.config import ServeLimits
 
-from serving.api import MAX_SEED
+from serving.api import DATA_URL_PREFIX, MAX_SEED, max_image_chars
 
 ERROR_BODY = {
     "type": "object", "required": ["detail", "field", "errors"],
@@ -130,7 +130,7 @@ def _constrain(properties: dict, limits: ServeLimits, names: list[str]) -> None:
     properties["seed"].update(minimum=0, maximum=MAX_SEED - 1)
     if "reference_images" in properties:
         image = {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png",
-                 "maxLength": 4 * -(-limits.max_image_bytes // 3) + len("data:image/png;base64,")}
+                 "maxLength": max_image_chars(limits) + len(DATA_URL_PREFIX)}  # the server's own bound
         properties["reference_images"]["anyOf"][0] = {
             "type": "object", "maxProperties": limits.max_reference_images,
             "propertyNames": {"enum": list(names)}, "additionalProperties": image}
