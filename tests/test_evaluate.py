@@ -169,8 +169,10 @@ def test_detected_accuracy_is_split_into_pronoun_and_named_frames():
 
     frames = [frame("Ada waves.", "She waves.", ["Ada"]), frame("Ada sits.", "She sits.", ["Bruno"]),
               frame("Ada runs.", "Ada runs.", ["Ada"])]
+    frames[1]["detected_setting"] = "kitchen"
     figures = summarize(frames, None)
     assert figures["det_char_acc_pronoun"] == 0.5 and figures["det_char_acc_named"] == 1.0
+    assert figures["det_bg_acc_pronoun"] == 0.5 and figures["det_bg_acc_named"] == 1.0
     assert figures["det_char_acc"] == pytest.approx(2 / 3)
 
 

@@ -50,8 +50,11 @@ def summarize(frames: list[dict], real_features: np.ndarray | None,
 
 
 def _by_frame_kind(frames: list[dict]) -> dict[str, float]:
-    """Det. Char-Acc on the frames whose referential caption has a pronoun and on the others: the
-    first is what resolution buys, the second what the drawing path costs when nothing needs it."""
+    """Det. Char-Acc and BG-Acc on the frames whose referential caption has a pronoun and on the
+    others: the first is what resolution buys, the second what the drawing path costs when nothing
+    needs it. BG-Acc is split too: on the world it falls as more characters are drawn
+    (docs/results.md), so a row that draws nobody on the pronoun frames gains BG-Acc there, while
+    on the named frames every row reads the same caption."""
     pronoun = [f.get("referential_caption") not in (None, f["caption"]) for f in frames]
     out = {"pronoun_frames": sum(pronoun)}
     for name, kind in (("pronoun", True), ("named", False)):
@@ -59,6 +62,9 @@ def _by_frame_kind(frames: list[dict]) -> dict[str, float]:
         if subset:
             out[f"det_char_acc_{name}"] = character_scores([f["detected_characters"] for f in subset],
                                                            [f["characters"] for f in subset])["acc"]
+        if any(f["setting"] for f in subset):
+            out[f"det_bg_acc_{name}"] = setting_scores([f["detected_setting"] for f in subset],
+                                                       [f["setting"] for f in subset])["acc"]
     return out
 
 
