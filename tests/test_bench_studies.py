@@ -61,3 +61,27 @@ def test_sizing_counts_the_real_parts_on_the_meta_device(repo):
     assert round(counts["clip_vision"] / 1e6) == 304 and 0 < counts["clip_vision_trainable"] < counts["clip_vision"] / 10
     traffic = step_traffic(10**9, 0, [8])
     assert traffic["gradient_bytes"] == 2 * 10**9 and traffic["allreduce_bytes_per_gpu"][8] == 3_500_000_000
+
+
+def test_frame_kinds_splits_an_evaluations_frames_by_kind_and_by_cast_drawn(tmp_path):
+    """Every row's saved frames re-scored by the exact detector: a named frame drawn right and a
+    pronoun frame drawn with the wrong setting and nobody in it."""
+    from types import SimpleNamespace
+
+    from benchmarks.frame_kinds import ROWS, rescore
+    from storygpt.world.cast import LOOKS, SETTINGS
+    from storygpt.world.render import draw_background
+
+    right, wrong = SETTINGS[0], SETTINGS[1]
+    truth = {("s", 0): SimpleNamespace(caption="Ada waves.", referential_caption="Ada waves.", characters=[],
+                                       setting=right.name),
+             ("s", 1): SimpleNamespace(caption="Ada sits.", referential_caption="She sits.",
+                                       characters=[next(iter(LOOKS))], setting=right.name)}
+    for row in ROWS:
+        (tmp_path / row / "5").mkdir(parents=True)
+        draw_background(right, 32).save(tmp_path / row / "5" / "s_0.png")
+        draw_background(wrong, 32).save(tmp_path / row / "5" / "s_1.png")
+    out = rescore(tmp_path, truth)
+    assert out["rows"][ROWS[0]] == {"det_char_acc_pronoun": 0.0, "det_bg_acc_pronoun": 0.0, "det_char_acc_named": 1.0,
+                                    "det_bg_acc_named": 1.0, "pronoun_frames": 1, "named_frames": 1}
+    assert out["det_bg_acc_by_characters_drawn"] == {"0": {"det_bg_acc": 0.5, "frames": 8}}
