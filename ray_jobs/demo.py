@@ -21,11 +21,13 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from storygpt.commands import add_config_arguments
 from ray_jobs.tracking import tracking_uri
+from storygpt.commands import add_config_arguments
 from storygpt.config import ConfigError, StoryConfig, load_config
+from storygpt.layout import WorkDir
 
 
 def add_arguments(p) -> None:
@@ -41,11 +43,23 @@ def run(args) -> int:
         raise ConfigError("demo: needs a preset with data.world and zoo (configs/tiny.yaml)")
     if args.verbose:
         return _run(cfg, sys.stdout)
-    log = Path(cfg.work_dir) / "demo.log"
+    log = WorkDir.of(cfg).demo_log
     print(f"(Ray's and the libraries' own output goes to {log}; --verbose shows it here)", flush=True)
     with _output_to(log) as terminal:
         _quiet()
         return _run(cfg, terminal)
+
+
+@dataclass
+class Chain:
+    """What one step hands the next (and the closing summary reads)."""
+    world: Path | None = None
+    records: Path | None = None
+    char_ldm: Path | None = None   # the Char-LDM export
+    targets: Path | None = None    # its stage-2 targets
+    aligner: Path | None = None    # the aligner export
+    evaluation: dict | None = None  # output dir, table, results
+    story: dict | None = None       # url, grid
 
 
 def _run(cfg: StoryConfig, out) -> int:
@@ -60,31 +74,28 @@ def _run(cfg: StoryConfig, out) -> int:
              ("train the evaluation captioner (BLIP-2)", _train_captioner),
              ("evaluate the test stories (Ray Data)", _evaluate),
              ("serve, and draw a story over HTTP (Ray Serve)", _serve)]
-    results = {}
+    chain = Chain()
     for i, (name, step) in enumerate(steps, 1):
         say(f"[{i:2d}/{len(steps)}] {name} ...")
         t = time.perf_counter()
-        results[name] = step(cfg, results)
-        say(f"        {time.perf_counter() - t:5.1f}s  {_brief(name, results[name])}")
+        brief = step(cfg, chain)
+        say(f"        {time.perf_counter() - t:5.1f}s  {brief}")
     say(f"\ndemo finished in {time.perf_counter() - started:.0f}s (preset '{cfg.preset}', work dir {cfg.work_dir})")
-    root = results["story world"]["root"]
-    say(f"  dataset:  {root}  (inspect: storygpt data show --referential --dataset world --root {root})")
-    say(f"  records:  {results['preprocess (Ray Data)']['output']}  (manifest.json, records/, errors/)")
-    say(f"  Char-LDM: {results['train Char-LDM (Ray Train + DeepSpeed)']['export']}")
-    say(f"  aligner:  {results['train aligner (Ray Train + DeepSpeed)']['export']}")
-    evaluation = results["evaluate the test stories (Ray Data)"]
-    say(f"  scores:   {evaluation['output']}/table.md  (the paper's Table 1 on the test split):\n")
-    say("    " + evaluation["table"].strip().replace("\n", "\n    ") + "\n")
-    served = results["serve, and draw a story over HTTP (Ray Serve)"]
-    say(f"  story:    {served['grid']}  (drawn through {served['url']}/v1/stories)")
+    say(f"  dataset:  {chain.world}  (inspect: storygpt data show --referential --dataset world --root {chain.world})")
+    say(f"  records:  {chain.records}  (manifest.json, records/, errors/)")
+    say(f"  Char-LDM: {chain.char_ldm}")
+    say(f"  aligner:  {chain.aligner}")
+    say(f"  scores:   {chain.evaluation['output']}/table.md  (the paper's Table 1 on the test split):\n")
+    say("    " + chain.evaluation["table"].strip().replace("\n", "\n    ") + "\n")
+    say(f"  story:    {chain.story['grid']}  (drawn through {chain.story['url']}/v1/stories)")
     uri = tracking_uri(cfg.resolved())
     say(f"  MLflow:   experiment '{cfg.mlflow.experiment}' (mlflow ui --backend-store-uri {uri})")
     say(f"  serve it: storygpt serve --model-uri models:/{cfg.mlflow.experiment}-aligner/"
           f"{_latest_version(cfg, uri)} --tracking-uri {uri}")
-    say("  " + _verdict(evaluation["results"]))
+    say("  " + _verdict(chain.evaluation["results"]))
     from storygpt.evaluation.report import referential_verdict
 
-    if (line := referential_verdict(evaluation["results"])) is not None:
+    if (line := referential_verdict(chain.evaluation["results"])) is not None:
         say("  " + line)
     return 0
 
@@ -135,39 +146,6 @@ def _quiet() -> None:
     logging.captureWarnings(True)  # library deprecation chatter goes to the (quiet) warnings logger
 
 
-def _brief(step: str, result: dict) -> str:
-    """One line of a step's results."""
-    r = result
-    if step == "story world":
-        return f"{r['stories']} stories, {r['frames']} frames (train/val/test stories: " \
-               f"{'/'.join(str(r['splits'][s]) for s in ('train', 'val', 'test'))})"
-    if step == "tiny model zoo":
-        return f"{len(r['parts'])} parts in {r['zoo']}"
-    if step == "dataset summary":
-        return f"train {r['train']['frames']} frames ({r['train']['pronoun_frames']} with pronouns), " \
-               f"val {r['val']['frames']}, test {r['test']['frames']}; frames per character " + \
-               ", ".join(f"{k} {v}" for k, v in r["character_frames"].items())
-    if step.startswith("preprocess"):
-        return f"{r['frames_in']} frames -> {r['records_out']} records, {r['errors']} errors"
-    if step.startswith("train Char-LDM"):
-        return f"{r['steps']} steps, loss {r['loss']}, attention-in-mask ratio {r['attn_in_mask_ratio']}"
-    if step.startswith("train the evaluation"):
-        return f"{r['steps']} steps, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, " \
-               f"saved to {r.get('output') or r.get('captioner')}"
-    if step.startswith("precompute"):
-        return f"{r['targets']} targets"
-    if step.startswith("train aligner"):
-        return f"{r['steps']} steps, align loss {r['align_loss']}, reference accuracy " \
-               f"{r['reference_accuracy']} (chance {r['reference_chance']}), cosine to the fused target " \
-               f"{r['conditioning_cosine']}"
-    if step.startswith("evaluate"):
-        return f"{r['stories']} test stories drawn and scored (table below)"
-    if step.startswith("serve"):
-        return f"{r['frames']} frames from {r['url']}/v1/stories"
-    return ", ".join(f"{k} {round(v, 3) if isinstance(v, float) else v}" for k, v in r.items()
-                     if isinstance(v, (int, float, str)))[:150]
-
-
 def _latest_version(cfg: StoryConfig, uri: str) -> str:
     """The story model's newest registered version (what train-aligner just registered)."""
     import mlflow
@@ -189,24 +167,25 @@ def _verdict(results: dict) -> str:
                              "not both twice chance yet: the frames prove the pipeline, not the method)")
 
 
-def _world(cfg: StoryConfig, results: dict) -> dict:
+def _world(cfg: StoryConfig, chain: Chain) -> str:
     from storygpt.world.generate import generate_world
 
     w = cfg.data.world
-    root = cfg.path(cfg.data.root)
-    s = generate_world(root, w.stories, w.seed, w.image_size, w.clip_frames, w.val_fraction, w.test_fraction)
-    return {"root": str(root), "stories": s.stories, "frames": s.frames, "splits": s.splits}
+    chain.world = cfg.path(cfg.data.root)
+    s = generate_world(chain.world, w.stories, w.seed, w.image_size, w.clip_frames, w.val_fraction, w.test_fraction)
+    return f"{s.stories} stories, {s.frames} frames (train/val/test stories: " \
+           f"{'/'.join(str(s.splits[k]) for k in ('train', 'val', 'test'))})"
 
 
-def _zoo(cfg: StoryConfig, results: dict) -> dict:
+def _zoo(cfg: StoryConfig, chain: Chain) -> str:
     from storygpt.commands.zoo import build_zoo_quietly
 
-    out = cfg.path("{work_dir}/zoo")
+    out = WorkDir.of(cfg).zoo
     parts = build_zoo_quietly(cfg, out)
-    return {"zoo": str(out), "parts": sorted(parts)}
+    return f"{len(parts)} parts in {out}"
 
 
-def _summary(cfg: StoryConfig, results: dict) -> dict:
+def _summary(cfg: StoryConfig, chain: Chain) -> str:
     from storygpt.data.characters import get_table
     from storygpt.data.readers import ReadOptions, read_stories
 
@@ -216,7 +195,7 @@ def _summary(cfg: StoryConfig, results: dict) -> dict:
         options = ReadOptions(split, cfg.data.frames_per_story, cfg.data.clip_frame,
                               cfg.data.box_source_size, cfg.data.on_error,
                               referential_rule=cfg.data.referential_rule)
-        stories, report = read_stories(cfg.data.format, cfg.path(cfg.data.root), table, options)
+        stories, report = read_stories(cfg.data.format, chain.world, table, options)
         frames = [f for s in stories for f in s.frames]
         out[split] = {
             "stories": report.stories,
@@ -228,82 +207,83 @@ def _summary(cfg: StoryConfig, results: dict) -> dict:
         if split == "train":
             counts = Counter(name for f in frames for name in f.characters)
             out["character_frames"] = dict(sorted(counts.items()))
-    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.work_dir) / "dataset_summary.json").write_text(json.dumps(out, indent=1))
-    return out
+    path = WorkDir.of(cfg).dataset_summary
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return f"train {out['train']['frames']} frames ({out['train']['pronoun_frames']} with pronouns), " \
+           f"val {out['val']['frames']}, test {out['test']['frames']}; frames per character " + \
+           ", ".join(f"{k} {v}" for k, v in out["character_frames"].items())
 
 
-def _preprocess(cfg: StoryConfig, results: dict) -> dict:
+def _preprocess(cfg: StoryConfig, chain: Chain) -> str:
     from preprocessing.job import preprocess
 
     manifest = preprocess(cfg)
-    return {"output": manifest["output"], **manifest["counts"], "seconds": manifest["timings"]["total_s"]}
+    chain.records = Path(manifest["output"])
+    c = manifest["counts"]
+    return f"{c['frames_in']} frames -> {c['records_out']} records, {c['errors']} errors"
 
 
-def _train_ldm(cfg: StoryConfig, results: dict) -> dict:
+def _train_ldm(cfg: StoryConfig, chain: Chain) -> str:
     from ray_jobs.train_ldm import fit
 
-    summary = fit(cfg.resolved())
-    export = Path(cfg.resolved().work_dir) / "char_ldm" / summary["run"]
-    return {"run": summary["run"], "steps": summary["global_step"], "loss": round(summary["loss"], 4),
-            "attn_in_mask_ratio": round(summary["attn_in_mask_ratio"], 3), "export": str(export)}
+    resolved = cfg.resolved()
+    summary = fit(resolved)
+    chain.char_ldm = WorkDir.of(resolved).export("char_ldm", summary["run"])
+    chain.targets = WorkDir.of(resolved).targets(summary["run"])
+    return f"{summary['global_step']} steps, loss {summary['loss']:.4f}, attention-in-mask ratio " \
+           f"{summary['attn_in_mask_ratio']:.3f}"
 
 
-def _targets_dir(results: dict) -> str:
-    """One targets dir per Char-LDM run: a re-run of the demo trains a new Char-LDM, and
-    precompute (rightly) refuses to mix targets of two models in one dir."""
-    export = Path(results["train Char-LDM (Ray Train + DeepSpeed)"]["export"])
-    return str(export.parent.parent / "fused" / export.name)
-
-
-def _precompute(cfg: StoryConfig, results: dict) -> dict:
+def _precompute(cfg: StoryConfig, chain: Chain) -> str:
     from preprocessing.precompute import precompute
 
-    export = results["train Char-LDM (Ray Train + DeepSpeed)"]["export"]
     manifest = precompute(cfg.model_copy(update={"precompute": cfg.precompute.model_copy(
-        update={"output": _targets_dir(results)})}), char_ldm=export)
-    return {"output": manifest["output"], "targets": manifest["counts"]["targets_out"],
-            "seconds": manifest["timings"]["total_s"]}
+        update={"output": str(chain.targets)})}), char_ldm=str(chain.char_ldm))
+    return f"{manifest['counts']['targets_out']} targets"
 
 
-def _train_aligner(cfg: StoryConfig, results: dict) -> dict:
+def _train_aligner(cfg: StoryConfig, chain: Chain) -> str:
     from ray_jobs.train_aligner import fit
 
-    summary = fit(cfg.resolved(), targets=_targets_dir(results))
-    export = Path(cfg.resolved().work_dir) / "aligner" / summary["run"]
-    return {"run": summary["run"], "steps": summary["global_step"], "gen_loss": round(summary["gen_loss"], 3),
-            "align_loss": round(summary["align_loss"], 4),
-            "reference_accuracy": round(summary.get("reference_accuracy", float("nan")), 3),
-            "reference_chance": round(summary.get("reference_chance", float("nan")), 3),
-            "conditioning_cosine": round(summary.get("conditioning_cosine", float("nan")), 3), "export": str(export)}
+    resolved = cfg.resolved()
+    r = fit(resolved, targets=str(chain.targets))
+    chain.aligner = WorkDir.of(resolved).export("aligner", r["run"])
+    return f"{r['global_step']} steps, align loss {r['align_loss']:.4f}, reference accuracy " \
+           f"{r.get('reference_accuracy', float('nan')):.3f} (chance {r.get('reference_chance', float('nan')):.3f}), " \
+           f"cosine to the fused target {r.get('conditioning_cosine', float('nan')):.3f}"
 
 
-def _train_classifier(cfg: StoryConfig, results: dict) -> dict:
+def _train_classifier(cfg: StoryConfig, chain: Chain) -> str:
     from storygpt.evaluation.classifier_training import train_classifier
 
-    return train_classifier(cfg.resolved(), results["preprocess (Ray Data)"]["output"])
+    return _trained_evaluator(train_classifier(cfg.resolved(), str(chain.records)))
 
 
-def _train_captioner(cfg: StoryConfig, results: dict) -> dict:
+def _train_captioner(cfg: StoryConfig, chain: Chain) -> str:
     from storygpt.evaluation.captioner_training import train_captioner
 
-    return train_captioner(cfg.resolved(), results["preprocess (Ray Data)"]["output"])
+    return _trained_evaluator(train_captioner(cfg.resolved(), str(chain.records)))
 
 
-def _evaluate(cfg: StoryConfig, results: dict) -> dict:
+def _trained_evaluator(r: dict) -> str:
+    return f"{r['steps']} steps, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, " \
+           f"saved to {r.get('output') or r.get('captioner')}"
+
+
+def _evaluate(cfg: StoryConfig, chain: Chain) -> str:
     from ray_jobs.evaluate import evaluate
 
-    summary = evaluate(cfg, char_ldm=results["train Char-LDM (Ray Train + DeepSpeed)"]["export"],
-                       aligner=results["train aligner (Ray Train + DeepSpeed)"]["export"])
-    return {"output": summary["output"], "stories": summary["stories"], "seconds": summary["seconds"],
-            "table": summary["table"], "results": summary["results"]}
+    summary = evaluate(cfg, char_ldm=str(chain.char_ldm), aligner=str(chain.aligner))
+    chain.evaluation = {k: summary[k] for k in ("output", "table", "results")}
+    return f"{summary['stories']} test stories drawn and scored (table below)"
 
 
 DEMO_STORY = ["Emma waves hello in the forest.", "Later, she sits down with Bruno in the forest.",
               "Later, they are eating lunch in the forest.", "Later, he runs around in the forest."]
 
 
-def _serve(cfg: StoryConfig, results: dict) -> dict:
+def _serve(cfg: StoryConfig, chain: Chain) -> str:
     """Deploy the trained models with Ray Serve on 127.0.0.1 and draw one referential story
     through POST /v1/stories, as a user would; Serve is shut down at the end of the demo."""
     import base64
@@ -319,8 +299,7 @@ def _serve(cfg: StoryConfig, results: dict) -> dict:
     from storygpt.story_grid import story_grid
 
     resolved = cfg.resolved()
-    app = build_app(resolved, results["train Char-LDM (Ray Train + DeepSpeed)"]["export"],
-                    results["train aligner (Ray Train + DeepSpeed)"]["export"])
+    app = build_app(resolved, str(chain.char_ldm), str(chain.aligner))
     url = start(app, "127.0.0.1", _free_port(cfg.serve.port))
     try:
         reply = requests.post(f"{url}/v1/stories", json={"captions": DEMO_STORY, "seed": cfg.seed}, timeout=900)
@@ -329,13 +308,14 @@ def _serve(cfg: StoryConfig, results: dict) -> dict:
                   for f in reply.json()["frames"]]
     finally:
         serve.shutdown()
-    out = Path(resolved.work_dir) / "story"
+    out = WorkDir.of(resolved).story
     out.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(out / f"frame_{i:02d}.png")
     story_grid(frames, DEMO_STORY).save(out / "story.png")  # upscaled, each caption under its frame
     (out / "story.json").write_text(json.dumps({"captions": DEMO_STORY, "url": url}, indent=1))
-    return {"url": url, "frames": len(frames), "grid": str(out / "story.png")}
+    chain.story = {"url": url, "grid": str(out / "story.png")}
+    return f"{len(frames)} frames from {url}/v1/stories"
 
 
 def _free_port(preferred: int) -> int:

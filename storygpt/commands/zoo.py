@@ -7,6 +7,7 @@ import time
 
 from storygpt.commands import add_config_arguments
 from storygpt.config import ConfigError, load_config
+from storygpt.layout import WorkDir
 from storygpt.world.corpus import lm_corpus
 
 LM_CORPUS_EPISODES = 400  # 20 000 frames of freshly planned episodes, with their questions
@@ -36,7 +37,7 @@ def run(args) -> int:
     cfg = load_config(config, args.overrides)
     if cfg.zoo is None:
         raise ConfigError(f"zoo: preset '{cfg.preset}' has no tiny model sizes (only tiny presets build a zoo)")
-    out = args.out or cfg.path("{work_dir}/zoo")
+    out = args.out or WorkDir.of(cfg).zoo
     start = time.perf_counter()
     parts = build_zoo_quietly(cfg, out)
     print(json.dumps({"zoo": str(out), "parts": {k: str(v) for k, v in parts.items()},

@@ -7,11 +7,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from storygpt.config import ConfigError, StoryConfig
+from storygpt.layout import Stage, WorkDir
 
-Stage = Literal["char_ldm", "aligner"]
 TRAINED_BY = {"char_ldm": "storygpt train-ldm", "aligner": "storygpt train-aligner"}
 
 
@@ -24,8 +23,9 @@ def trained_dir(cfg: StoryConfig, stage: Stage, given: str | Path | None = None)
         if not path.is_dir():
             raise ConfigError(f"{key}: expected a trained {stage} directory, got '{path}'")
         return path
-    exports = sorted(p for p in (Path(cfg.work_dir) / stage).glob("*") if p.is_dir() and not p.name.startswith("."))
-    if not exports:
-        raise ConfigError(f"{key}: not set and no export under '{Path(cfg.work_dir) / stage}' "
+    work = WorkDir.of(cfg)
+    latest = work.latest_export(stage)
+    if latest is None:
+        raise ConfigError(f"{key}: not set and no export under '{work.exports(stage)}' "
                           f"(run `{TRAINED_BY[stage]}` first, or set {key}=DIR)")
-    return exports[-1]
+    return latest
