@@ -97,7 +97,7 @@ def train(cfg, examples: list[dict], probe: ReferenceProbe, steps: int, eval_eve
 
     from storygpt.aligner.data import collate
     from storygpt.aligner.model import StoryAligner
-    from storygpt.char_ldm.training import stage_lr_lambda
+    from storygpt.training import stage_lr_lambda
 
     torch.manual_seed(cfg.seed)
     aligner = StoryAligner.from_config(cfg)

@@ -174,7 +174,7 @@ def start_engine(cfg: StoryConfig, model: torch.nn.Module, stage, world_size: in
     Returns (engine, optimizer, scheduler, client_state, restored_figures)."""
     import deepspeed
 
-    from storygpt.char_ldm.training import stage_lr_lambda
+    from storygpt.training import stage_lr_lambda
 
     ds_config = deepspeed_config(cfg, stage.batch_size, world_size, cfg.train.use_gpu, stage.mixed_precision == "bf16")
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=stage.learning_rate, weight_decay=stage.weight_decay)

@@ -149,20 +149,15 @@ def from_artifacts(files: dict[str, Path | str], model_config: dict, overrides=(
 
 
 # ----------------------------------------------------------------------------- the pyfunc
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class StoryGPTModel(PythonModel):
     """``predict(DataFrame{caption}, params={seed, steps, guidance})`` -> uint8 frames (N, H, W, 3)."""
 
     def load_context(self, context) -> None:
         from storygpt.char_ldm.pipeline import CharLDMPipeline
+        from storygpt.training import pick_device
 
         resolved = from_artifacts(context.artifacts, dict(context.model_config or {}))
-        self.cfg, self.stage, device = resolved.cfg, resolved.stage, _device()
+        self.cfg, self.stage, device = resolved.cfg, resolved.stage, pick_device()
         self.pipeline = CharLDMPipeline.from_config(self.cfg, resolved.char_ldm, device=device)
         self.aligner = None
         if resolved.aligner is not None:

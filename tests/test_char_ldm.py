@@ -19,7 +19,8 @@ from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
 from storygpt.char_ldm.model import CharLDM
 from storygpt.char_ldm.pipeline import CharLDMPipeline
-from storygpt.char_ldm.training import min_snr_weights, noise_loss, stage_lr_lambda, warmup_lambda
+from storygpt.char_ldm.training import min_snr_weights, noise_loss
+from storygpt.training import stage_lr_lambda, warmup_lambda
 from storygpt.config import load_config
 from storygpt.data.record_schema import decode_png
 from storygpt.models.loading import load_unet

@@ -1,9 +1,7 @@
-"""Training maths both stages share (diffusers ``training_utils`` style): one home, no copies."""
+"""The diffusion training maths (diffusers ``training_utils`` style): L_noise, min-SNR weights, the
+prediction target. What every loop shares (LR schedule, device) is ``storygpt.training``."""
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,23 +36,3 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     return noise
-
-
-def warmup_lambda(warmup_steps: int, decay_steps: int | None = None) -> Callable[[int], float]:
-    """``LambdaLR`` factor: linear warm-up over ``warmup_steps`` optimizer steps, then constant,
-    or with ``decay_steps`` (the run's last step) a cosine decay to 0 there. The first step
-    already moves (1 / warmup_steps of the rate), so no step is wasted at 0."""
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        if decay_steps is None or step < warmup_steps:
-            return warm
-        done = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-        return warm * 0.5 * (1.0 + math.cos(math.pi * done))
-
-    return factor
-
-
-def stage_lr_lambda(stage) -> Callable[[int], float]:
-    """The ``LambdaLR`` factor a stage config asks for (``lr_schedule``, ``warmup_steps``, ``max_steps``)."""
-    return warmup_lambda(stage.warmup_steps, stage.max_steps if stage.lr_schedule == "cosine" else None)

@@ -39,7 +39,8 @@ from transformers import (
 from storygpt.atomic import replace_dir
 from storygpt.config import TinyZooConfig
 from storygpt.zoo import build_cache
-from storygpt.zoo.pretrain import latent_statistics, one_thread, pretrain_lm, pretrain_vae
+from storygpt.training import torch_threads
+from storygpt.zoo.pretrain import latent_statistics, pretrain_lm, pretrain_vae
 from storygpt.models.sam import SamArchitecture, build_sam, save_sam
 from storygpt.zoo.tokenizers import (
     CLIP_LENGTH,
@@ -206,7 +207,7 @@ def _vae(zoo: TinyZooConfig, seed: int, out: Path) -> None:
         norm_num_groups=1,
     )
     if zoo.vae_pretrain_steps:
-        with one_thread():
+        with torch_threads(1):
             pretrain_vae(vae, zoo.vae_pretrain_steps, resolution, seed)
             mean, std = latent_statistics(vae, resolution, seed)
         # standardised per channel (storygpt.char_ldm.latents): diffusers' latents_mean/std

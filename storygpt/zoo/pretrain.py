@@ -6,8 +6,6 @@ language before stage 2). Called by :mod:`storygpt.zoo.build`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -15,6 +13,7 @@ from PIL import Image
 from diffusers import AutoencoderKL
 from diffusers.models.resnet import ResnetBlock2D
 
+from storygpt.training import torch_threads
 from storygpt.world.cast import LOOKS
 from storygpt.world.render import random_frame
 
@@ -104,17 +103,6 @@ def world_frame(
     return np.asarray(image), frame.segments[::2, ::2], cast
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is fastest, and 10x faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 LM_PRETRAIN_LR, LM_PRETRAIN_BATCH, LM_WARMUP_STEPS = 2e-3, 16, 100
 
 
@@ -132,7 +120,7 @@ def pretrain_lm(model, tokenizer, stories: list[list[str]], steps: int, seed: in
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / LM_WARMUP_STEPS)
                                                  * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
-    with one_thread():
+    with torch_threads(1):  # tiny matrices: one thread is fastest, and 10x faster on a busy machine
         _next_token_steps(model, tokenizer, texts, optimizer, schedule, steps, rng)
     model.eval()
 
