@@ -28,22 +28,19 @@ TRAINING_NAME = "training.json"
 
 
 def _read_frames(records_dir: Path, splits: tuple[str, ...]) -> dict[str, dict[str, list]]:
-    """PNG bytes, character lists and settings of the given splits, file by file (keeps memory to them)."""
-    import pyarrow.parquet as pq
+    """PNG bytes, character lists and settings of the given splits (their rows only are read)."""
+    from storygpt.data.parts import finished_files
+    from storygpt.data.record_schema import read_table
 
-    from storygpt.data.record_schema import RECORDS
-
-    files = sorted((records_dir / "records").glob("*.parquet"))
-    if not files:
+    if not finished_files(records_dir, "records"):
         raise ConfigError(f"no records in '{records_dir / 'records'}' (run `storygpt preprocess` first)")
     columns = ["id", "split", "characters", "setting", "image"]
+    table = read_table(records_dir, columns=columns, filters=[("split", "in", list(splits))])
     out = {s: {"id": [], "characters": [], "setting": [], "image": []} for s in splits}
-    for f in files:
-        table = pq.read_table(f, columns=columns, schema=RECORDS, filters=[("split", "in", list(splits))])
-        for row in table.to_pylist():
-            part = out[row["split"]]
-            for key in part:
-                part[key].append(row[key])
+    for row in table.to_pylist():
+        part = out[row["split"]]
+        for key in part:
+            part[key].append(row[key])
     return out
 
 
