@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
+
 import pyarrow as pa
 import torch
 

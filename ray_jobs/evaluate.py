@@ -145,7 +145,8 @@ def _pipeline(cfg: StoryConfig, tasks: list[dict], records_dir: Path, frame_ids:
         DrawStories, batch_size=1, batch_format="pyarrow", **actors,
         fn_constructor_kwargs=dict(**settings, char_ldm=str(char_ldm_dir),
                                    aligner=str(aligner_dir) if aligner_dir else None, references=references))
-    truth = ray.data.read_parquet(finished_files(records_dir, "records"), columns=["id", "story_id", "frame_index", "image", "characters", "setting",
+    files = finished_files(records_dir, "records")
+    truth = ray.data.read_parquet(files, columns=["id", "story_id", "frame_index", "image", "characters", "setting",
                                                   "caption"]).filter(expr=E.col("id").is_in(frame_ids))
     truth = truth.map_batches(_as_ground_truth, batch_format="pyarrow", num_cpus=cfg.preprocess.task_num_cpus)
     return drawn.union(truth).map_batches(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,14 +88,21 @@ def unfinished_parts(root: str | Path, kind: str) -> list[str]:
     return sorted(f.stem for f in folder.glob(f"{PREFIX}*.parquet") if f.stem not in finished)
 
 
+def tables(root: str | Path, kind: str, schema: pa.Schema, columns: list[str] | None = None,
+           filters: list | None = None) -> Iterator[pa.Table]:
+    """The finished files of ``kind``, one table each, in ``schema``; ``filters`` as
+    :func:`pyarrow.parquet.read_table` takes them. One file in memory at a time."""
+    for f in finished_files(root, kind):
+        yield pq.read_table(f, columns=columns, schema=schema, filters=filters)
+
+
 def read(root: str | Path, kind: str, schema: pa.Schema, columns: list[str] | None = None,
          filters: list | None = None) -> pa.Table:
-    """The finished files of ``kind`` as one table, in ``schema`` (empty with it if there are
-    none); ``filters`` as :func:`pyarrow.parquet.read_table` takes them."""
-    files = finished_files(root, kind)
-    if not files:
+    """:func:`tables` as one table (empty with ``schema`` if there is no finished file)."""
+    found = list(tables(root, kind, schema, columns, filters))
+    if not found:
         return schema.empty_table().select(columns) if columns else schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, columns=columns, schema=schema, filters=filters) for f in files])
+    return pa.concat_tables(found)
 
 
 def resume(root: str | Path, kinds: Iterable[str]) -> tuple[set[str], list[dict]]:

@@ -28,19 +28,19 @@ TRAINING_NAME = "training.json"
 
 
 def _read_frames(records_dir: Path, splits: tuple[str, ...]) -> dict[str, dict[str, list]]:
-    """PNG bytes, character lists and settings of the given splits (their rows only are read)."""
-    from storygpt.data.parts import finished_files
-    from storygpt.data.record_schema import read_table
+    """PNG bytes, character lists and settings of the given splits, file by file (keeps memory to them)."""
+    from storygpt.data import parts
+    from storygpt.data.record_schema import RECORDS
 
-    if not finished_files(records_dir, "records"):
+    if not parts.finished_files(records_dir, "records"):
         raise ConfigError(f"no records in '{records_dir / 'records'}' (run `storygpt preprocess` first)")
     columns = ["id", "split", "characters", "setting", "image"]
-    table = read_table(records_dir, columns=columns, filters=[("split", "in", list(splits))])
     out = {s: {"id": [], "characters": [], "setting": [], "image": []} for s in splits}
-    for row in table.to_pylist():
-        part = out[row["split"]]
-        for key in part:
-            part[key].append(row[key])
+    for table in parts.tables(records_dir, "records", RECORDS, columns, filters=[("split", "in", list(splits))]):
+        for row in table.to_pylist():
+            part = out[row["split"]]
+            for key in part:
+                part[key].append(row[key])
     return out
 
 
