@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from storygpt.commands import add_config_arguments
-from storygpt.config import DATASET_OF_FORMAT, ConfigError, StoryConfig, load_config
+from storygpt.config import DATASET_OF_FORMAT, StoryConfig, load_config
 from storygpt.data.readers import READERS, ReadOptions, read_stories
 
+KINDS = ("records", "errors")  # the files of one part (storygpt.data.parts)
 FINGERPRINT_KEYS = ("data.", "preprocess.super_resolution.", "preprocess.masks.backend", "char_ldm.resolution")
 
 
@@ -48,8 +49,8 @@ def preprocess(cfg: StoryConfig) -> dict:
     import ray
 
     from preprocessing.pipeline import build
-    from preprocessing.writer import atomic_parquet, resume_state
     from storygpt.atomic import replace_bytes
+    from storygpt.data import parts
     from storygpt.vision import prepare
     from storygpt.data.characters import get_table
     from storygpt.data.record_schema import ERRORS, read_table
@@ -71,18 +72,17 @@ def preprocess(cfg: StoryConfig) -> dict:
         rows += [prepare.frame_row(f, split) for s in stories for f in s.frames]
         read_errors += [{"id": s.id, "story_id": s.id, "stage": "read", "reason": f"{s.file}: {s.reason}",
                          "dropped": "story"} for s in report.skipped]
-    (output / "errors").mkdir(parents=True, exist_ok=True)
-    atomic_parquet(pa.Table.from_pylist(read_errors, ERRORS), output / "errors" / "read.parquet")
-    done, earlier = resume_state(output)
+    parts.write_whole(output, "errors", "read", pa.Table.from_pylist(read_errors, ERRORS))
+    done, earlier = parts.resume(output, KINDS)
     todo = [r for r in rows if r["id"] not in done]
     read_s = time.perf_counter() - started
     if todo:
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local instance
-        parts = build(todo, cfg, str(output)).take_all()
+        written = build(todo, cfg, str(output)).take_all()
     else:
-        parts = []
-    total = earlier + parts
+        written = []
+    total = earlier + written
     counts = {
         "frames_in": len(rows),
         "frames_already_done": len(rows) - len(todo),
@@ -110,7 +110,7 @@ def preprocess(cfg: StoryConfig) -> dict:
 
 def _check_same_config(cfg: StoryConfig, output: Path) -> None:
     """A re-run may only resume an output written with the same data and stage settings."""
-    from preprocessing.writer import require_same_settings
+    from storygpt.data.parts import require_same_settings
 
     fingerprint = {k: v for k, v in cfg.flat().items() if k.startswith(FINGERPRINT_KEYS)}
     require_same_settings(output / "preprocess_config.json", fingerprint, "preprocess.output", "records",

@@ -45,9 +45,9 @@ def precompute(cfg: StoryConfig, records: str | Path | None = None, char_ldm: st
     import ray
 
     from preprocessing.job import _versions
-    from preprocessing.writer import resume_state
     from storygpt.atomic import replace_bytes
-    from storygpt.char_ldm.targets import read_targets, target_shape
+    from storygpt.char_ldm.targets import PARTS, read_targets, target_shape
+    from storygpt.data.parts import resume
 
     started = time.perf_counter()
     cfg = cfg.resolved()  # absolute paths: Ray workers run elsewhere
@@ -56,8 +56,7 @@ def precompute(cfg: StoryConfig, records: str | Path | None = None, char_ldm: st
     output = Path(cfg.precompute.output)
     shape = target_shape(cfg, trained)
     _check_same_inputs(cfg, output, records_dir, trained, shape)
-    done, earlier = resume_state(output)
-    _remove_unfinished(output)
+    done, earlier = resume(output, [PARTS])
     files, records_in, todo = _records_to_do(records_dir, done)
     read_s = time.perf_counter() - started
     parts = []
@@ -156,29 +155,24 @@ class ComputeTargets:
 
 
 def write_targets(batch: pa.Table, output: str) -> pa.Table:
-    """Write one part (targets + done marker) atomically; return its stats as one row."""
-    from preprocessing.writer import atomic_parquet, part_name
-    from storygpt.atomic import replace_bytes
+    """Write one part (targets, then its done marker); return its stats as one row."""
     from storygpt.char_ldm.targets import PARTS
+    from storygpt.data.parts import write_part
 
-    root = Path(output)
     ids = batch["id"].to_pylist()
-    name = part_name(ids)  # a retried task rewrites the same part
-    (root / PARTS).mkdir(parents=True, exist_ok=True)
-    atomic_parquet(batch, root / PARTS / f"{name}.parquet")
-    (root / "done").mkdir(parents=True, exist_ok=True)
-    replace_bytes(root / "done" / f"{name}.json", json.dumps({"ids": ids, "records": len(ids)}).encode())
+    name = write_part(output, ids, {PARTS: batch}, {"records": len(ids)})  # a retried task rewrites the same part
     return pa.Table.from_pylist([{"part": name, "records": len(ids), "finished_at": time.time()}])
 
 
 # ----------------------------------------------------------------------------- driver helpers
 def _records_to_do(records_dir: Path, done: set[str]) -> tuple[list[str], int, int]:
-    """(record files with work left, records in all, records to compute); reads ids only. A
-    records part counts once preprocess's done marker exists (a crashed preprocess may leave others)."""
+    """(record files with work left, records in all, records to compute); reads ids only, of
+    preprocess's finished parts (:func:`storygpt.data.parts.finished_files`)."""
     import pyarrow.parquet as pq
 
-    finished = {m.stem for m in (records_dir / "done").glob("*.json")} if (records_dir / "done").is_dir() else set()
-    files = sorted(f for f in (records_dir / "records").glob("part-*.parquet") if f.stem in finished)
+    from storygpt.data.parts import finished_files
+
+    files = finished_files(records_dir, "records")
     if not files:
         raise ConfigError(f"preprocess.output: '{records_dir}' holds no finished records; run `storygpt preprocess` "
                           "(or pass --records)")
@@ -188,26 +182,13 @@ def _records_to_do(records_dir: Path, done: set[str]) -> tuple[list[str], int, i
         left = sum(i not in done for i in ids)
         records_in, todo = records_in + len(ids), todo + left
         if left:
-            todo_files.append(str(f))
+            todo_files.append(f)
     return todo_files, records_in, todo
-
-
-def _remove_unfinished(output: Path) -> None:
-    """Delete target parts a crashed run left without a done marker (their records run again)."""
-    from storygpt.char_ldm.targets import PARTS
-
-    folder = output / PARTS
-    if not folder.is_dir():
-        return
-    done = {m.stem for m in (output / "done").glob("*.json")} if (output / "done").is_dir() else set()
-    for path in folder.iterdir():
-        if path.name.endswith(".tmp") or (path.name.startswith("part-") and path.stem not in done):
-            path.unlink()
 
 
 def _check_same_inputs(cfg: StoryConfig, output: Path, records: Path, trained: Path, shape: dict) -> None:
     """A re-run may only add to an output made from the same records, Char-LDM and settings."""
-    from preprocessing.writer import require_same_settings
+    from storygpt.data.parts import require_same_settings
     from storygpt.char_ldm.targets import INFO
 
     info = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from pathlib import Path
 
 import pyarrow as pa
 import torch
@@ -60,10 +59,10 @@ class Mask:
 
 
 def write(batch: pa.Table, output: str) -> pa.Table:
-    """Write one part (records + errors + marker) atomically; return its stats as one row."""
-    from preprocessing.writer import write_part
+    """Write one part (records + errors, then its done marker); return its stats as one row."""
+    from storygpt.data import parts
 
     rows = _rows(batch)
     records, errors, stats = prepare.to_tables(rows)
-    name = write_part(Path(output), [r["id"] for r in rows], records, errors, stats)
+    name = parts.write_part(output, [r["id"] for r in rows], {"records": records, "errors": errors}, stats)
     return pa.Table.from_pylist([{"part": name, **stats, "finished_at": time.time()}])

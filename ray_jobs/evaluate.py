@@ -3,7 +3,7 @@
 The paper's evaluation as a Ray Data job over the test split (``evaluate.*``):
 
     stories (tasks) -> draw (actor pool: Char-LDM, + aligner for StoryGPT-V rows) ─┐
-    ground-truth frames (read_parquet) ─────────────────────────────────────────────┴-> score
+    ground-truth frames (finished parts) ──────────────────────────────────────────┴-> score
     (actor pool: Inception-v3 classifier, BLIP-2 captioner, FID features, world detector)
 
 Each Table-1 row (``evaluate.rows``, e.g. ``storygpt/referential``) draws every story, plus
@@ -135,6 +135,8 @@ def _pipeline(cfg: StoryConfig, tasks: list[dict], records_dir: Path, frame_ids:
     import ray.data.expressions as E  # noqa: N812
     from ray.data import ActorPoolStrategy
 
+    from storygpt.data.parts import finished_files
+
     pool = cfg.evaluate.pool
     actors = dict(compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
                   num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=dict(pool.resources))
@@ -143,7 +145,7 @@ def _pipeline(cfg: StoryConfig, tasks: list[dict], records_dir: Path, frame_ids:
         DrawStories, batch_size=1, batch_format="pyarrow", **actors,
         fn_constructor_kwargs=dict(**settings, char_ldm=str(char_ldm_dir),
                                    aligner=str(aligner_dir) if aligner_dir else None, references=references))
-    files = sorted(str(p) for p in (records_dir / "records").glob("*.parquet"))
+    files = finished_files(records_dir, "records")
     truth = ray.data.read_parquet(files, columns=["id", "story_id", "frame_index", "image", "characters", "setting",
                                                   "caption"]).filter(expr=E.col("id").is_in(frame_ids))
     truth = truth.map_batches(_as_ground_truth, batch_format="pyarrow", num_cpus=cfg.preprocess.task_num_cpus)

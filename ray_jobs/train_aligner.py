@@ -43,11 +43,11 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     import ray
 
     from ray_jobs.runtime import fit_trainer, run_name
-    from storygpt.char_ldm.targets import read_target_info, targets_table_dir
+    from storygpt.char_ldm.targets import read_target_info, target_files
 
     output = str(Path(targets or cfg.precompute.output).resolve())
     try:
-        table_dir = targets_table_dir(output)
+        files = target_files(output)
     except FileNotFoundError as err:
         raise ConfigError(f"precompute.output: {err}") from None
     # the workers' config names the targets used: the MLflow story model finds its Char-LDM there
@@ -56,7 +56,7 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     if not ray.is_initialized():
         ray.init()
     name = run_name(Path(cfg.train.storage_path), RUN_PREFIX, resume)
-    frames = ray.data.read_parquet(str(table_dir))
+    frames = ray.data.read_parquet(files)
     # built once: unmaterialized, every epoch would re-run the read, the shuffle by story and
     # story_examples (~10 s an epoch on the world, most of each step's time)
     train = _examples(frames.filter(lambda row: row["split"] == "train")).materialize()

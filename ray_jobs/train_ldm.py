@@ -36,15 +36,18 @@ def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False
     import ray
 
     from ray_jobs.runtime import fit_trainer, run_name
+    from storygpt.data.parts import finished_files
 
-    records_dir = Path(records or cfg.preprocess.output) / "records"
-    if not any(records_dir.glob("*.parquet")):
-        raise ConfigError(f"--records: no Parquet records in '{records_dir}' (run `storygpt preprocess` first)")
+    records_dir = Path(records or cfg.preprocess.output)
+    files = finished_files(records_dir, "records")
+    if not files:
+        raise ConfigError(f"--records: no Parquet records in '{records_dir / 'records'}' "
+                          "(run `storygpt preprocess` first)")
     cfg.require_dir("models.unet")
     if not ray.is_initialized():
         ray.init()
     name = run_name(Path(cfg.train.storage_path), RUN_PREFIX, resume)
-    train = ray.data.read_parquet(str(records_dir)).filter(lambda row: row["split"] == "train")
+    train = ray.data.read_parquet(files).filter(lambda row: row["split"] == "train")
     return fit_trainer(cfg, train_loop, {}, name, {"train": train})
 
 

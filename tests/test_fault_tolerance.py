@@ -363,7 +363,7 @@ _DIE_MID_WRITE = """
 import json, os, sys
 from pathlib import Path
 import pyarrow.parquet as pq
-from preprocessing import writer
+from storygpt.data import parts
 from storygpt.data.record_schema import ERRORS
 
 out, rows_file, ids, crash_at = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
@@ -377,8 +377,8 @@ def write(table, where, *args, **kwargs):
         Path(where).write_bytes(data[: len(data) // 2])
         os._exit(137)
 
-writer.pq.write_table = write
-writer.write_part(out, ids, rows, ERRORS.empty_table(), {"records": len(ids)})
+parts.pq.write_table = write
+parts.write_part(out, ids, {"records": rows, "errors": ERRORS.empty_table()}, {"records": len(ids)})
 """
 
 
@@ -395,7 +395,7 @@ def test_a_record_part_torn_mid_write_is_never_read_and_redone_once(cluster_reco
     """The writer's two crash points, each a real process death, on a part whose frames are not
     done yet: half-way through the records file (a torn temp file), then half-way through the
     errors file (the records part is in place, its done marker is not). The parts written before
-    stay readable, nothing torn is ever read, and the re-run (Ray Data, on the cluster) deletes
+    stay readable, nothing torn or unmarked is ever read, and the re-run (Ray Data, on the cluster) deletes
     the leftovers and writes every record exactly once."""
     import pyarrow.parquet as pq
 
@@ -424,7 +424,7 @@ def test_a_record_part_torn_mid_write_is_never_read_and_redone_once(cluster_reco
     _writer_dies(repo, out, rows_file, ids, crash_at=2)  # the records part renamed into place, then dies
     assert (out / "records" / f"{part}.parquet").is_file() and not (out / "done" / f"{part}.json").exists()
     assert any(p.name.endswith(".tmp") for p in (out / "errors").iterdir())
-    assert set(read_table(out, columns=["id"])["id"].to_pylist()) == expected  # complete files only
+    assert set(read_table(out, columns=["id"])["id"].to_pylist()) == earlier  # an unmarked part is not read
     assert pq.read_table(out / "records" / f"{part}.parquet").num_rows == len(ids)
 
     again = preprocess(_tiny(repo, f"work_dir={tiny_work}", f"preprocess.output={out}"))

@@ -166,7 +166,7 @@ def test_rerun_skips_finished_parts_and_redoes_unfinished_ones(setup, tmp_path):
     import ray
 
     from preprocessing.precompute import precompute
-    from storygpt.char_ldm.targets import read_targets, targets_table_dir
+    from storygpt.char_ldm.targets import read_targets, target_files
 
     cfg, root, _, char_ldm, first = setup
     out = tmp_path / "fused"
@@ -179,7 +179,7 @@ def test_rerun_skips_finished_parts_and_redoes_unfinished_ones(setup, tmp_path):
     lost = json.loads(markers[0].read_text())["ids"]
     markers[0].unlink()  # as if the run had died before this part's marker
     with pytest.raises(FileNotFoundError, match="precompute has not finished"):
-        targets_table_dir(out)
+        target_files(out)
     (out / "targets" / ".part-x.parquet.tmp").write_bytes(b"half")
     before = read_targets(root / "fused").sort_by("id")
     resumed = precompute(cfg, char_ldm=char_ldm)
@@ -187,7 +187,7 @@ def test_rerun_skips_finished_parts_and_redoes_unfinished_ones(setup, tmp_path):
     after = read_targets(out).sort_by("id")
     assert after["id"].to_pylist() == before["id"].to_pylist() and resumed["counts"]["duplicates"] == 0
     assert not list((out / "targets").glob(".*.tmp"))
-    assert ray.data.read_parquet(str(targets_table_dir(out))).count() == 100  # what train-aligner reads
+    assert ray.data.read_parquet(target_files(out)).count() == 100  # what train-aligner reads
     np.testing.assert_allclose(np.asarray(after["fused"].combine_chunks().flatten()),
                                np.asarray(before["fused"].combine_chunks().flatten()), atol=1e-5)
 

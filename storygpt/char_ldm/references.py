@@ -29,8 +29,10 @@ def train_reference_crops(records_dir: str | Path, names: list[str], seed: int =
     reading batches only until every one of ``names`` has one."""
     import pyarrow.dataset as pads
 
+    from storygpt.data.parts import finished_files
+
     crops: dict[str, np.ndarray] = {}
-    scanner = pads.dataset(str(Path(records_dir) / "records"), format="parquet").scanner(
+    scanner = pads.dataset(finished_files(records_dir, "records"), format="parquet").scanner(
         columns=["image", "characters", "boxes", "masks"], filter=pads.field("split") == "train")
     for batch in scanner.to_batches():
         for name, crop in reference_crops(batch.to_pylist(), seed).items():

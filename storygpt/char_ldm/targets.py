@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -30,6 +28,7 @@ from storygpt.char_ldm.fuser import CharacterFuser
 from storygpt.char_ldm.export import check_index
 from storygpt.char_ldm.model import CONFIG, _load_weights, _require
 from storygpt.config import StoryConfig
+from storygpt.data import parts
 from storygpt.data.characters import CharacterTable
 from storygpt.data.record_schema import RECORDS, decode_png
 from storygpt.models.loading import load_clip_text, load_clip_vision
@@ -149,34 +148,22 @@ def read_target_info(output_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def targets_table_dir(output_dir: str | Path) -> Path:
-    """The Parquet folder of a *finished* precompute output, for readers that take a folder
-    (``ray.data.read_parquet``); raises if a part has no done marker (a run that did not finish)."""
-    root = Path(output_dir)
-    read_target_info(root)
-    folder = root / PARTS
-    done = {m.stem for m in (root / "done").glob("*.json")} if (root / "done").is_dir() else set()
-    parts = {f.stem for f in folder.glob("part-*.parquet")}
-    if not parts or parts - done:
-        raise FileNotFoundError(f"'{root}': precompute has not finished ({len(parts - done)} unfinished parts, "
-                                f"{len(parts & done)} done); run `storygpt precompute` again to complete it")
-    return folder
+def target_files(output_dir: str | Path) -> list[str]:
+    """The part files of a *finished* precompute output, for ``ray.data.read_parquet``; raises
+    if a part has no done marker (a run that did not finish) or there is none."""
+    read_target_info(output_dir)
+    files, unfinished = parts.finished_files(output_dir, PARTS), parts.unfinished_parts(output_dir, PARTS)
+    if not files or unfinished:
+        raise FileNotFoundError(f"'{output_dir}': precompute has not finished ({len(unfinished)} unfinished parts, "
+                                f"{len(files)} done); run `storygpt precompute` again to complete it")
+    return files
 
 
 def read_targets(output_dir: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The finished target parts of ``output_dir`` as one table (a part counts once its done
-    marker exists), optionally one split's rows only."""
-    root = Path(output_dir)
-    done = {m.stem for m in (root / "done").glob("*.json")} if (root / "done").is_dir() else set()
-    files = sorted(f for f in (root / PARTS).glob("part-*.parquet") if f.stem in done)
-    read = columns if columns is None or split is None or "split" in columns else [*columns, "split"]
-    if files:
-        table = pa.concat_tables([pq.read_table(f, columns=read, schema=TARGETS) for f in files])
-    else:
-        table = TARGETS.empty_table().select(read) if read else TARGETS.empty_table()
-    if split is not None:
-        table = table.filter(pc.equal(table["split"], split))
-    return table.select(columns) if columns else table
+    """The finished target parts of ``output_dir`` as one table (:func:`storygpt.data.parts.read`),
+    optionally one split's rows only."""
+    filters = [("split", "=", split)] if split is not None else None
+    return parts.read(output_dir, PARTS, TARGETS, columns, filters)
 
 
 def target_arrays(table: pa.Table, shape: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
+
+from storygpt.data import parts
 
 RECORDS = pa.schema([
     ("id", pa.string()),
@@ -53,10 +54,8 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("L")) > 0 if img.mode == "1" else np.asarray(img.convert("RGB"))
 
 
-def read_table(root: str | Path, kind: str = "records", columns: list[str] | None = None) -> pa.Table:
-    """All finished files of ``root/<kind>/`` as one table (empty with the schema if none)."""
-    schema = RECORDS if kind == "records" else ERRORS
-    files = sorted((Path(root) / kind).glob("*.parquet"))
-    if not files:
-        return schema.empty_table().select(columns) if columns else schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, columns=columns, schema=schema) for f in files])
+def read_table(root: str | Path, kind: str = "records", columns: list[str] | None = None,
+               filters: list | None = None) -> pa.Table:
+    """The finished parts of ``root/<kind>/`` as one table (:func:`storygpt.data.parts.read`:
+    a part without its done marker is not read; empty with the schema if none)."""
+    return parts.read(root, kind, RECORDS if kind == "records" else ERRORS, columns, filters)

@@ -96,8 +96,7 @@ def train_frames(records_dir: str | Path, split: str = "train") -> tuple[list[by
     """(PNG bytes, original caption) of a split's records; raises naming the dir if there are none."""
     from storygpt.data.record_schema import read_table
 
-    table = read_table(records_dir, columns=["split", "caption", "image"])
-    rows = [r for r in table.to_pylist() if r["split"] == split]
+    rows = read_table(records_dir, columns=["caption", "image"], filters=[("split", "=", split)]).to_pylist()
     if not rows:
         raise ConfigError(f"--records: no '{split}' records in '{Path(records_dir) / 'records'}' "
                           "(run `storygpt preprocess` first, or pass --records DIR)")

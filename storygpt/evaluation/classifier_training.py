@@ -29,17 +29,14 @@ TRAINING_NAME = "training.json"
 
 def _read_frames(records_dir: Path, splits: tuple[str, ...]) -> dict[str, dict[str, list]]:
     """PNG bytes, character lists and settings of the given splits, file by file (keeps memory to them)."""
-    import pyarrow.parquet as pq
-
+    from storygpt.data import parts
     from storygpt.data.record_schema import RECORDS
 
-    files = sorted((records_dir / "records").glob("*.parquet"))
-    if not files:
+    if not parts.finished_files(records_dir, "records"):
         raise ConfigError(f"no records in '{records_dir / 'records'}' (run `storygpt preprocess` first)")
     columns = ["id", "split", "characters", "setting", "image"]
     out = {s: {"id": [], "characters": [], "setting": [], "image": []} for s in splits}
-    for f in files:
-        table = pq.read_table(f, columns=columns, schema=RECORDS, filters=[("split", "in", list(splits))])
+    for table in parts.tables(records_dir, "records", RECORDS, columns, filters=[("split", "in", list(splits))]):
         for row in table.to_pylist():
             part = out[row["split"]]
             for key in part:
