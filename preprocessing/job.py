@@ -46,9 +46,9 @@ def run(args) -> int:
 
 def preprocess(cfg: StoryConfig) -> dict:
     import pyarrow as pa
-    import ray
 
     from preprocessing.pipeline import build
+    from ray_jobs.runtime import connect_ray
     from storygpt.atomic import replace_bytes
     from storygpt.data import parts
     from storygpt.vision import prepare
@@ -77,8 +77,7 @@ def preprocess(cfg: StoryConfig) -> dict:
     todo = [r for r in rows if r["id"] not in done]
     read_s = time.perf_counter() - started
     if todo:
-        if not ray.is_initialized():
-            ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local instance
+        connect_ray()
         written = build(todo, cfg, str(output)).take_all()
     else:
         written = []

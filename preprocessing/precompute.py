@@ -42,9 +42,8 @@ def run(args) -> int:
 
 
 def precompute(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str | Path | None = None) -> dict:
-    import ray
-
     from preprocessing.job import _versions
+    from ray_jobs.runtime import connect_ray
     from storygpt.atomic import replace_bytes
     from storygpt.char_ldm.targets import PARTS, read_targets, target_shape
     from storygpt.data.parts import resume
@@ -61,8 +60,7 @@ def precompute(cfg: StoryConfig, records: str | Path | None = None, char_ldm: st
     read_s = time.perf_counter() - started
     parts = []
     if todo:
-        if not ray.is_initialized():
-            ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local instance
+        connect_ray()
         parts = build(files, done, cfg, trained, output).take_all()
     pipeline_s = time.perf_counter() - started - read_s
     total = earlier + parts
@@ -143,10 +141,10 @@ class ComputeTargets:
         import torch
 
         from storygpt.char_ldm.targets import StageTwoTargets
+        from storygpt.training import pick_device
 
         torch.set_num_threads(threads)
-        device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.targets = StageTwoTargets(StoryConfig.model_validate(cfg), char_ldm, device=device)
+        self.targets = StageTwoTargets(StoryConfig.model_validate(cfg), char_ldm, device=pick_device(num_gpus))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from storygpt.char_ldm.targets import TARGETS

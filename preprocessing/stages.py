@@ -12,6 +12,7 @@ import torch
 from storygpt.vision import prepare
 from storygpt.data.characters import get_table
 from storygpt.models.loading import load_clip_tokenizer
+from storygpt.training import pick_device
 from storygpt.vision.masks import BoxMasker
 from storygpt.vision.super_resolution import SuperResolver
 
@@ -36,14 +37,10 @@ def load_and_validate(batch: pa.Table, dataset: str, clip_text_dir: str, dataset
     return _batch([prepare.load_and_validate(r, table, tokenizer, dataset_masks) for r in _rows(batch)])
 
 
-def _device(num_gpus: float) -> str:
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
 class SuperResolve:
     def __init__(self, backend: str, out_size: int, model_dir: str, steps: int, threads: int, num_gpus: float):
         torch.set_num_threads(threads)
-        self.resolver = SuperResolver(backend, out_size, model_dir, steps, device=_device(num_gpus))
+        self.resolver = SuperResolver(backend, out_size, model_dir, steps, device=pick_device(num_gpus))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _batch(prepare.super_resolve(_rows(batch), self.resolver))
@@ -52,7 +49,7 @@ class SuperResolve:
 class Mask:
     def __init__(self, backend: str, sam_dir: str, threads: int, num_gpus: float):
         torch.set_num_threads(threads)
-        self.masker = BoxMasker(backend, sam_dir, device=_device(num_gpus))
+        self.masker = BoxMasker(backend, sam_dir, device=pick_device(num_gpus))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _batch([prepare.add_masks(r, self.masker) for r in _rows(batch)])

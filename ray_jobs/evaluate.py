@@ -45,8 +45,7 @@ def run(args) -> int:
 
 def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str | Path | None = None,
              aligner: str | Path | None = None) -> dict:
-    import ray
-
+    from ray_jobs.runtime import connect_ray
     from storygpt.char_ldm.references import train_reference_crops
     from storygpt.data.characters import get_table
     from storygpt.data.readers import frame_position
@@ -86,8 +85,7 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
              for n, run_stories in runs.items() for row in ev.rows for k, story in enumerate(run_stories)]
     frame_ids = sorted({f["id"] for run_stories in runs.values() for story in run_stories for f in story})
     output = Path(ev.output) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (set by `ray job submit`) or a local instance
+    connect_ray()
     scored = _pipeline(cfg, tasks, records_dir, frame_ids, char_ldm_dir, aligner_dir, references, output).take_all()
     pipeline_s = time.perf_counter() - started
 
@@ -162,8 +160,10 @@ def _as_ground_truth(batch: pa.Table) -> pa.Table:
 def _threads(threads: int, num_gpus: float) -> str:
     import torch
 
+    from storygpt.training import pick_device
+
     torch.set_num_threads(threads)
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return pick_device(num_gpus)
 
 
 class DrawStories:

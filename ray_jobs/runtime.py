@@ -16,6 +16,7 @@ import torch
 
 from storygpt.atomic import replace_dir
 from storygpt.config import ConfigError, StoryConfig
+from storygpt.layout import WorkDir
 
 CLIENT_STATE = "client_state.json"
 
@@ -34,6 +35,15 @@ def deepspeed_config(cfg: StoryConfig, batch_size: int, world_size: int, use_gpu
     ds["zero_optimization"]["stage"] = cfg.train.zero_stage
     ds["bf16"] = {"enabled": bool(bf16 and use_gpu)}  # fp32 on CPU; never fp16 there
     return ds
+
+
+def connect_ray() -> None:
+    """Join the cluster ``ray job submit`` names (RAY_ADDRESS), else start a local instance; a
+    no-op where the caller (the demo, a test) already started one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
 
 
 def run_name(storage: Path, prefix: str, resume: bool | str) -> str:
@@ -261,7 +271,7 @@ def export_trained(engine, cfg: StoryConfig, stage: str, run: str, rank: int, tr
         engine.module.save_trained(directory)
         write_model_card(cfg, stage, directory, run)
 
-    export = Path(cfg.work_dir) / stage / run
+    export = WorkDir.of(cfg).export(stage, run)
     with full_parameters(engine.module, cfg.train.zero_stage):
         if rank == 0:
             replace_dir(export, write)  # never a half-written latest export

@@ -42,7 +42,7 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     """Driver side: story examples, centroids, trainer, fit. Returns a summary of the finished run."""
     import ray
 
-    from ray_jobs.runtime import fit_trainer, run_name
+    from ray_jobs.runtime import connect_ray, fit_trainer, run_name
     from storygpt.char_ldm.targets import read_target_info, target_files
 
     output = str(Path(targets or cfg.precompute.output).resolve())
@@ -53,8 +53,7 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     # the workers' config names the targets used: the MLflow story model finds its Char-LDM there
     cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"output": output})})
     cfg.require_dir("models.lm")
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     name = run_name(Path(cfg.train.storage_path), RUN_PREFIX, resume)
     frames = ray.data.read_parquet(files)
     # built once: unmaterialized, every epoch would re-run the read, the shuffle by story and
@@ -102,11 +101,11 @@ def _fuse_candidates(cfg: dict, char_ldm: str, records: str, frames: list[tuple[
     from storygpt.char_ldm.references import train_reference_crops
     from storygpt.char_ldm.targets import StageTwoTargets
     from storygpt.data.characters import get_table
+    from storygpt.training import pick_device
 
     config = StoryConfig.model_validate(cfg)
     torch.set_num_threads(1)
-    device = "cuda" if torch.cuda.is_available() and config.precompute.pool.num_gpus > 0 else "cpu"
-    encoder = StageTwoTargets(config, char_ldm, device=device)
+    encoder = StageTwoTargets(config, char_ldm, device=pick_device(config.precompute.pool.num_gpus))
     table = get_table(config.data.dataset)
     references = train_reference_crops(Path(records), table.names, config.seed)
     return [fused.flatten(1).cpu().numpy() for fused in fused_candidates(encoder, frames, references, table)]

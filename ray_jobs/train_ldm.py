@@ -35,7 +35,7 @@ def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False
     """Driver side: datasets, trainer, fit. Returns a summary of the finished run."""
     import ray
 
-    from ray_jobs.runtime import fit_trainer, run_name
+    from ray_jobs.runtime import connect_ray, fit_trainer, run_name
     from storygpt.data.parts import finished_files
 
     records_dir = Path(records or cfg.preprocess.output)
@@ -44,8 +44,7 @@ def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False
         raise ConfigError(f"--records: no Parquet records in '{records_dir / 'records'}' "
                           "(run `storygpt preprocess` first)")
     cfg.require_dir("models.unet")
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     name = run_name(Path(cfg.train.storage_path), RUN_PREFIX, resume)
     train = ray.data.read_parquet(files).filter(lambda row: row["split"] == "train")
     return fit_trainer(cfg, train_loop, {}, name, {"train": train})

@@ -12,7 +12,6 @@ figures beside it (``TRAINING_FILE``).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from storygpt.config import ConfigError, StoryConfig
+from storygpt.training import pick_device, torch_threads, warmup_lambda
 from storygpt.evaluation.captioner import (
     _MISSING_HINT,
     _pixels,
@@ -57,22 +57,18 @@ def train_captioner(
         build_tiny_captioner(cfg, directory)
         built = True
     if device is None:
-        device = "cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu"
+        device = pick_device(1 if cfg.train.use_gpu else 0)
     device = torch.device(device)
     train_everything = cfg.zoo is not None
     dtype = torch.float32 if train_everything or device.type == "cpu" else torch.bfloat16
 
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # tiny matrices on a shared machine: one thread is fastest
-    try:
+    # tiny matrices on a shared machine: one CPU thread is fastest
+    with torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         started = time.perf_counter()
         model, processor = load_blip2(directory, device, dtype)
         params, frozen = _trainable(model, train_everything)
         losses = _fit(model, processor, frames, captions, params, frozen, cap, cfg.seed, device)
         seconds = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(threads)
     tail = losses[-min(10, len(losses)):]
     summary = {
         "captioner": str(directory),
@@ -142,12 +138,7 @@ def _fit(
     optimizer = torch.optim.AdamW(params, lr=cap.learning_rate, weight_decay=WEIGHT_DECAY)
     warmup = max(1, int(WARMUP_FRACTION * cap.max_steps))
 
-    def schedule(step: int) -> float:  # linear warm-up, cosine to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cap.max_steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(warmup, cap.max_steps))  # cosine to zero
     rng = np.random.default_rng(seed)
     images: dict[int, np.ndarray] = {}  # decoded frames, kept while they fit CACHE_BYTES
     order: list[int] = []

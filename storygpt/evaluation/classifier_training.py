@@ -10,7 +10,6 @@ split and saves it atomically to ``evaluate.classifier.output`` (``config.json``
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from storygpt.atomic import replace_dir
 from storygpt.config import ConfigError, StoryConfig
 from storygpt.evaluation.classifier import FrameClassifier, evaluate_frames
+from storygpt.training import pick_device, warmup_lambda
 
 TRAINING_NAME = "training.json"
 
@@ -95,7 +95,7 @@ def train_classifier(cfg: StoryConfig, records_dir: str | Path, device: str | No
     if cc.weights and not cfg.path(cc.weights).is_file():  # before reading any data
         raise ConfigError(f"evaluate.classifier.weights: expected an existing Inception-v3 state dict file, "
                           f"got '{cfg.path(cc.weights)}'")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or pick_device())
     previous_threads = torch.get_num_threads()
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
@@ -120,6 +120,7 @@ def train_classifier(cfg: StoryConfig, records_dir: str | Path, device: str | No
                 setting_targets[k, setting_index[s]] = 1.0
         loader = _loader(train["image"], cc.batch_size, cfg.seed, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cc.learning_rate)
+        cosine = warmup_lambda(0, cc.max_steps)
         flips = torch.Generator().manual_seed(cfg.seed + 1)
         losses: list[float] = []
         train_started, train_cpu = time.perf_counter(), time.process_time()
@@ -138,7 +139,7 @@ def train_classifier(cfg: StoryConfig, records_dir: str | Path, device: str | No
                 loss = loss + F.binary_cross_entropy_with_logits(
                     setting_logits, setting_targets[index].to(device), reduction="sum") / len(index)
             for group in optimizer.param_groups:  # cosine decay to 0 over max_steps
-                group["lr"] = cc.learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / cc.max_steps))
+                group["lr"] = cc.learning_rate * cosine(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
