@@ -52,15 +52,11 @@ class PreprocessConfig(Section):
     masks: MaskStageConfig
 
 
-# ----------------------------------------------------------------------------- stage 1
-class CharLDMConfig(Section):
-    resolution: int
-    max_characters: int = Field(ge=1)
-    trainable_vision_layers: int = Field(ge=0)
-    lreg_weight: float = Field(ge=0)
-    lreg_blocks: list[str] = Field(min_length=1)
-    p_unconditional: float = Field(ge=0, le=1)
-    p_text_only: float = Field(ge=0, le=1)
+# ----------------------------------------------------------------------------- both stages
+class OptimizationConfig(Section):
+    """What both training stages set the same way: the AdamW rate and its schedule
+    (``storygpt.training.stage_lr_lambda``), the batch, the length of the run, the precision."""
+
     learning_rate: float = Field(gt=0)
     warmup_steps: int = Field(ge=0, description="linear LR warm-up, then lr_schedule")
     lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="after warm-up: "
@@ -69,6 +65,18 @@ class CharLDMConfig(Section):
     batch_size: int = Field(gt=0, description="global batch (all workers, before accumulation)")
     max_steps: int = Field(gt=0)
     mixed_precision: Literal["no", "bf16"]
+    log_every: int = Field(ge=1, description="steps between metric logs")
+
+
+# ----------------------------------------------------------------------------- stage 1
+class CharLDMConfig(OptimizationConfig):
+    resolution: int
+    max_characters: int = Field(ge=1)
+    trainable_vision_layers: int = Field(ge=0)
+    lreg_weight: float = Field(ge=0)
+    lreg_blocks: list[str] = Field(min_length=1)
+    p_unconditional: float = Field(ge=0, le=1)
+    p_text_only: float = Field(ge=0, le=1)
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         description="what the UNet predicts; must be models.scheduler's prediction_type")
     snr_gamma: float | None = Field(gt=0, description="Min-SNR-gamma loss weighting; null: plain MSE (the paper)")
@@ -78,7 +86,6 @@ class CharLDMConfig(Section):
     delayed_conditioning: float = Field(ge=0, le=1, description=(
         "share of the sampling steps conditioned on the plain caption (no fusion, no LM) before the fused or "
         "the LM's conditioning takes over; 0: the paper's text; the official code uses 0.5"))
-    log_every: int = Field(ge=1, description="steps between metric logs")
     sample_every: int = Field(ge=1, description="steps between sample grids + attention maps")
 
     @model_validator(mode="after")
@@ -89,7 +96,7 @@ class CharLDMConfig(Section):
 
 
 # ----------------------------------------------------------------------------- stage 2
-class AlignerConfig(Section):
+class AlignerConfig(OptimizationConfig):
     lm_family: Literal["opt", "llama"]
     visual_tokens: int = Field(ge=1, description="m: LM-space tokens per frame")
     interleave: bool = Field(
@@ -106,15 +113,6 @@ class AlignerConfig(Section):
     gen_loss_weight: float = Field(
         default=1.0, ge=0, description="λ in loss = λ·L_gen + L_align (the paper: 1; storygpt/aligner/losses.py)"
     )
-    learning_rate: float = Field(gt=0)
-    warmup_steps: int = Field(ge=0, description="linear LR warm-up, then lr_schedule")
-    lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="after warm-up: "
-                                                       "constant, or a cosine decay to 0 at max_steps")
-    weight_decay: float = Field(ge=0)
-    batch_size: int = Field(gt=0, description="global batch (all workers, before accumulation)")
-    max_steps: int = Field(gt=0)
-    mixed_precision: Literal["no", "bf16"]
-    log_every: int = Field(ge=1, description="steps between metric logs")
     eval_every: int = Field(ge=1, description="steps between reference-accuracy evals (and at the last step)")
     eval_frames: int = Field(ge=1, description="held-out pronoun frames scored for reference accuracy")
     context_window: int | None = Field(
