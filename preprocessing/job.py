@@ -12,6 +12,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from storygpt.commands import add_config_arguments
 from storygpt.config import DATASET_OF_FORMAT, StoryConfig, load_config
@@ -44,7 +45,18 @@ def run(args) -> int:
     return 0
 
 
-def preprocess(cfg: StoryConfig) -> dict:
+class PreprocessManifest(TypedDict):
+    """What ``preprocess`` returns, and writes to ``{output}/manifest.json``: the next steps read ``output``."""
+    output: str
+    input: str
+    format: str
+    counts: dict[str, int]
+    timings: dict[str, float]
+    config: dict
+    versions: dict[str, str]
+
+
+def preprocess(cfg: StoryConfig) -> PreprocessManifest:
     import pyarrow as pa
 
     from preprocessing.pipeline import build
@@ -93,7 +105,7 @@ def preprocess(cfg: StoryConfig) -> dict:
         "parts": len(total),
     }
     counts["errors"] = read_table(output, "errors", columns=["id"]).num_rows  # read.parquet included
-    manifest = {
+    manifest: PreprocessManifest = {
         "output": str(output),
         "input": str(cfg.path(cfg.data.root)),
         "format": cfg.data.format,

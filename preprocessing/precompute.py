@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import pyarrow as pa
 
@@ -41,7 +42,20 @@ def run(args) -> int:
     return 0
 
 
-def precompute(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str | Path | None = None) -> dict:
+class TargetsManifest(TypedDict):
+    """What ``precompute`` returns, and writes to ``{output}/manifest.json``: train-aligner reads ``output``."""
+    output: str
+    records: str
+    char_ldm: str
+    shape: dict
+    counts: dict[str, int]
+    timings: dict[str, float]
+    config: dict
+    versions: dict[str, str]
+
+
+def precompute(cfg: StoryConfig, records: str | Path | None = None,
+               char_ldm: str | Path | None = None) -> TargetsManifest:
     from preprocessing.job import _versions
     from ray_jobs.runtime import connect_ray
     from storygpt.atomic import replace_bytes
@@ -75,7 +89,7 @@ def precompute(cfg: StoryConfig, records: str | Path | None = None, char_ldm: st
         "parts": len(total),
         "records_per_s": round(computed / pipeline_s, 2) if computed else 0.0,
     }
-    manifest = {
+    manifest: TargetsManifest = {
         "output": str(output),
         "records": str(records_dir),
         "char_ldm": str(trained),

@@ -229,7 +229,7 @@ def _train_ldm(cfg: StoryConfig, chain: Chain) -> str:
 
     resolved = cfg.resolved()
     summary = fit(resolved)
-    chain.char_ldm = WorkDir.of(resolved).export("char_ldm", summary["run"])
+    chain.char_ldm = Path(summary["export"])
     chain.targets = WorkDir.of(resolved).targets(summary["run"])
     return f"{summary['global_step']} steps, loss {summary['loss']:.4f}, attention-in-mask ratio " \
            f"{summary['attn_in_mask_ratio']:.3f}"
@@ -246,9 +246,8 @@ def _precompute(cfg: StoryConfig, chain: Chain) -> str:
 def _train_aligner(cfg: StoryConfig, chain: Chain) -> str:
     from ray_jobs.train_aligner import fit
 
-    resolved = cfg.resolved()
-    r = fit(resolved, targets=str(chain.targets))
-    chain.aligner = WorkDir.of(resolved).export("aligner", r["run"])
+    r = fit(cfg.resolved(), targets=str(chain.targets))
+    chain.aligner = Path(r["export"])
     return f"{r['global_step']} steps, align loss {r['align_loss']:.4f}, reference accuracy " \
            f"{r.get('reference_accuracy', float('nan')):.3f} (chance {r.get('reference_chance', float('nan')):.3f}), " \
            f"cosine to the fused target {r.get('conditioning_cosine', float('nan')):.3f}"

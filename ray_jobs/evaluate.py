@@ -18,6 +18,7 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +44,22 @@ def run(args) -> int:
     return 0
 
 
+class EvaluationSummary(TypedDict, total=False):
+    """What ``evaluate`` returns (``scores.json`` plus the MLflow run and the Markdown table)."""
+    output: str            # frames/, scores.json, table.md, reference_captions.json
+    split: str
+    stories: int
+    story_frames: int
+    results: dict          # row -> figures (Table 1)
+    long_results: dict     # row -> story length -> figures (Table 5)
+    decomposition: dict    # storygpt_v_ratio, resolution_gain, mapper_ratio
+    seconds: float
+    run_id: str
+    table: str
+
+
 def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str | Path | None = None,
-             aligner: str | Path | None = None) -> dict:
+             aligner: str | Path | None = None) -> EvaluationSummary:
     from ray_jobs.runtime import connect_ray
     from storygpt.char_ldm.references import train_reference_crops
     from storygpt.data.characters import get_table
@@ -110,7 +125,7 @@ def evaluate(cfg: StoryConfig, records: str | Path | None = None, char_ldm: str 
 
     output.mkdir(parents=True, exist_ok=True)
     (output / "table.md").write_text(table)
-    summary = {
+    summary: EvaluationSummary = {
         "output": str(output), "split": ev.split, "stories": len(stories), "story_frames": story_frames,
         "long_story_frames": sorted(n for n in runs if n != story_frames), "long_stories_skipped": skipped,
         "char_ldm": str(char_ldm_dir), "aligner": str(aligner_dir) if aligner_dir else None,

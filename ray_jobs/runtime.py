@@ -10,13 +10,16 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 
 from storygpt.atomic import replace_dir
 from storygpt.config import ConfigError, StoryConfig
-from storygpt.layout import WorkDir
+from storygpt.layout import Stage, WorkDir
 
 CLIENT_STATE = "client_state.json"
 
@@ -196,6 +199,45 @@ def start_engine(cfg: StoryConfig, model: torch.nn.Module, stage, world_size: in
     return engine, optimizer, scheduler, state, restored
 
 
+@dataclass
+class Worker:
+    """One Ray Train worker's share of a stage: the config, its model inside a DeepSpeed engine
+    resumed from the last checkpoint, the MLflow tracker (only rank 0 logs) and its shard of the
+    train split as micro batches."""
+    cfg: StoryConfig
+    stage: Any        # cfg.char_ldm or cfg.aligner
+    rank: int
+    model: torch.nn.Module
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    state: dict       # the checkpoint's client state ({} on a fresh run)
+    restored: dict    # what resuming verified (verify_restored)
+    tracker: Any
+    micro: int        # rows per micro batch on this worker
+    batches: Iterator
+
+
+def start_worker(config: dict, stage: Stage, build_model: Callable[[StoryConfig], torch.nn.Module]) -> Worker:
+    """Both recipes' worker setup, from the ``train_loop_config`` that :func:`fit_trainer` passes."""
+    import ray.train
+
+    from ray_jobs.tracking import Tracker
+
+    cfg = StoryConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg)
+    engine, optimizer, scheduler, state, restored = start_engine(cfg, model, getattr(cfg, stage), world, rank)
+    tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
+    resume_metrics(tracker, state)  # a restart: each step in MLflow once (see resume_metrics)
+    micro = engine.train_micro_batch_size_per_gpu()
+    batches = micro_batches(ray.train.get_dataset_shard("train"), micro, f"{stage}.batch_size", cfg.seed + 1000 * rank)
+    return Worker(cfg, getattr(cfg, stage), rank, model, engine, optimizer, scheduler, state, restored, tracker,
+                  micro, batches)
+
+
 def report_checkpoint(engine, optimizer, step: int, tracker, metrics: dict, state: dict, restored: dict, dist) -> None:
     """Every rank saves its shard and reports it to Ray Train (a barrier); then the buffered
     metrics it covers are committed to MLflow. The checkpoint carries those metrics too, and
@@ -237,9 +279,19 @@ def _last_logged_step(tracker) -> int:
     return max((m.step for key in keys for m in client.get_metric_history(tracker.run_id, key)), default=0)
 
 
-def fit_trainer(cfg: StoryConfig, train_loop, loop_config: dict, name: str, datasets: dict) -> dict:
+class TrainSummary(TypedDict, total=False):
+    """What a training job returns (and prints as JSON): the next step reads ``export``."""
+    run: str
+    export: str        # the trained parts: WorkDir.export(stage, run)
+    checkpoint: str | None
+    global_step: int
+    loss: float        # and every other metric the last report carried
+
+
+def fit_trainer(cfg: StoryConfig, stage: Stage, train_loop, loop_config: dict, name: str,
+                datasets: dict) -> TrainSummary:
     """Both recipes' driver: a TorchTrainer over ``train.*`` (workers, resources, failures,
-    checkpoints kept) fit to the end; returns {"run", "checkpoint", **the last reported metrics}."""
+    checkpoints kept) fit to the end, its trained parts exported by ``export_trained``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -257,8 +309,8 @@ def fit_trainer(cfg: StoryConfig, train_loop, loop_config: dict, name: str, data
         datasets=datasets,
     )
     result = trainer.fit()
-    return {"run": name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            **(result.metrics or {})}
+    return TrainSummary(run=name, export=str(WorkDir.of(cfg).export(stage, name)),
+                        checkpoint=result.checkpoint.path if result.checkpoint else None, **(result.metrics or {}))
 
 
 def export_trained(engine, cfg: StoryConfig, stage: str, run: str, rank: int, tracker) -> None:

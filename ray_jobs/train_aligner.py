@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storygpt.commands import add_config_arguments
 from storygpt.config import ConfigError, StoryConfig, load_config
+
+if TYPE_CHECKING:  # the runtime (torch, DeepSpeed) loads with the job, not with the CLI
+    from ray_jobs.runtime import TrainSummary
 
 RUN_PREFIX = "aligner"
 METRICS = ("loss", "gen_loss", "align_loss")
@@ -38,7 +42,7 @@ def run(args) -> int:
     return 0
 
 
-def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False) -> dict:
+def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False) -> TrainSummary:
     """Driver side: story examples, centroids, trainer, fit. Returns a summary of the finished run."""
     import ray
 
@@ -63,7 +67,7 @@ def fit(cfg: StoryConfig, targets: str | None = None, resume: bool | str = False
     evaluation = held_out.take(cfg.aligner.eval_frames)
     candidates = _candidates(cfg, read_target_info(output), evaluation)
     loop_config = {"evaluation": ray.put(evaluation), "candidates": ray.put(candidates)}
-    summary = fit_trainer(cfg, train_loop, loop_config, name, {"train": train})
+    summary = fit_trainer(cfg, "aligner", train_loop, loop_config, name, {"train": train})
     return {**summary, "eval_frames": len(evaluation)}
 
 
@@ -114,38 +118,23 @@ def _fuse_candidates(cfg: dict, char_ldm: str, records: str, frames: list[tuple[
 # ----------------------------------------------------------------------------- on each worker
 def train_loop(config: dict) -> None:
     import ray
-    import ray.train
-    import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import (MetricWindow, export_trained, micro_batches, report_checkpoint, resume_metrics,
-                                  start_engine)
-    from ray_jobs.tracking import Tracker
+    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, start_worker
     from storygpt.aligner.data import collate
     from storygpt.aligner.model import StoryAligner
 
     # --- setup
-    cfg = StoryConfig.model_validate(config["cfg"])
-    stage, train = cfg.aligner, cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    aligner = StoryAligner.from_config(cfg)
-    engine, optimizer, scheduler, state, restored = start_engine(cfg, aligner, stage, world, rank)
-    step = engine.global_steps
-    tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
-    resume_metrics(tracker, state)  # a restart: each step in MLflow once (see runtime.resume_metrics)
+    w = start_worker(config, "aligner", StoryAligner.from_config)
+    cfg, stage, train, aligner, engine, tracker = w.cfg, w.stage, w.cfg.train, w.model, w.engine, w.tracker
+    step, micro, device = engine.global_steps, w.micro, engine.device
     evaluation, candidates = ray.get(config["evaluation"]), ray.get(config["candidates"])
-    shard = ray.train.get_dataset_shard("train")
-    micro = engine.train_micro_batch_size_per_gpu()
-    device = engine.device
 
     # --- train
     window = MetricWindow(METRICS, counters=("tokens", "samples"))
     last = {}
-    batches = micro_batches(shard, micro, "aligner.batch_size", cfg.seed + 1000 * rank)
     while step < stage.max_steps:
-        rows = next(batches)
+        rows = next(w.batches)
         batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), aligner).items()}
         out = engine(batch)
         engine.backward(out["loss"])
@@ -155,15 +144,15 @@ def train_loop(config: dict) -> None:
             continue  # mid gradient accumulation: no optimizer step yet
         step = engine.global_steps
         if step % stage.log_every == 0 or step == stage.max_steps:
-            last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
+            last = {**window.collect(dist), "lr": w.scheduler.get_last_lr()[0]}
             if step % stage.eval_every == 0 or step == stage.max_steps:
                 last.update(_reference_accuracy(engine, evaluation, candidates, micro))
             tracker.log(last, step)
         if step % train.checkpoint_every == 0 or step == stage.max_steps:
-            report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
+            report_checkpoint(engine, w.optimizer, step, tracker, last, w.state, w.restored, dist)
 
     # --- export (every rank gathers under ZeRO-3; rank 0 writes and logs)
-    export_trained(engine, cfg, "aligner", config["run_name"], rank, tracker)
+    export_trained(engine, cfg, "aligner", config["run_name"], w.rank, tracker)
     tracker.end()
 
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storygpt.commands import add_config_arguments
 from storygpt.config import ConfigError, StoryConfig, load_config
+
+if TYPE_CHECKING:  # the runtime (torch, DeepSpeed) loads with the job, not with the CLI
+    from ray_jobs.runtime import TrainSummary
 
 RUN_PREFIX = "char_ldm"
 
@@ -31,7 +35,7 @@ def run(args) -> int:
     return 0
 
 
-def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False) -> dict:
+def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False) -> TrainSummary:
     """Driver side: datasets, trainer, fit. Returns a summary of the finished run."""
     import ray
 
@@ -47,43 +51,29 @@ def fit(cfg: StoryConfig, records: str | None = None, resume: bool | str = False
     connect_ray()
     name = run_name(Path(cfg.train.storage_path), RUN_PREFIX, resume)
     train = ray.data.read_parquet(files).filter(lambda row: row["split"] == "train")
-    return fit_trainer(cfg, train_loop, {}, name, {"train": train})
+    return fit_trainer(cfg, "char_ldm", train_loop, {}, name, {"train": train})
 
 
 # ----------------------------------------------------------------------------- on each worker
 def train_loop(config: dict) -> None:
-    import ray.train
     import torch
     import torch.distributed as dist
 
-    from ray_jobs.runtime import (MetricWindow, export_trained, micro_batches, report_checkpoint, resume_metrics,
-                                  start_engine)
-    from ray_jobs.tracking import Tracker
+    from ray_jobs.runtime import MetricWindow, export_trained, report_checkpoint, start_worker
     from storygpt.char_ldm.data import collate
     from storygpt.char_ldm.model import CharLDM
 
     # --- setup
-    cfg = StoryConfig.model_validate(config["cfg"])
-    ldm, train = cfg.char_ldm, cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = CharLDM.from_config(cfg)
-    engine, optimizer, scheduler, state, restored = start_engine(cfg, model, ldm, world, rank)
-    step = engine.global_steps
-    tracker = Tracker(cfg, config["run_name"], state.get("mlflow_run_id"), active=rank == 0)
-    resume_metrics(tracker, state)  # a restart: each step in MLflow once (see runtime.resume_metrics)
-    generator = torch.Generator().manual_seed(cfg.seed * 10_007 + rank * 101 + step)  # resumes draw new noise
-    shard = ray.train.get_dataset_shard("train")
-    micro = engine.train_micro_batch_size_per_gpu()
-    device = engine.device
+    w = start_worker(config, "char_ldm", CharLDM.from_config)
+    cfg, ldm, train, model, engine, tracker = w.cfg, w.stage, w.cfg.train, w.model, w.engine, w.tracker
+    step, micro, device = engine.global_steps, w.micro, engine.device
+    generator = torch.Generator().manual_seed(cfg.seed * 10_007 + w.rank * 101 + step)  # resumes draw new noise
 
     # --- train
     window = MetricWindow(METRICS, counters=("samples",))
     last, sample_rows = {}, None
-    batches = micro_batches(shard, micro, "char_ldm.batch_size", cfg.seed + 1000 * rank)
     while step < ldm.max_steps:
-        rows = next(batches)
+        rows = next(w.batches)
         batch = {k: v.to(device) for k, v in collate(rows.to_pylist(), model, ldm, generator).items()}
         out = engine(batch, generator)
         engine.backward(out["loss"])
@@ -93,17 +83,17 @@ def train_loop(config: dict) -> None:
             continue  # mid gradient accumulation: no optimizer step yet
         step = engine.global_steps
         if step % ldm.log_every == 0 or step == ldm.max_steps:
-            last = {**window.collect(dist), "lr": scheduler.get_last_lr()[0]}
+            last = {**window.collect(dist), "lr": w.scheduler.get_last_lr()[0]}
             tracker.log(last, step)
         if step % ldm.sample_every == 0:
             # every rank draws the same samples: under ZeRO-3 each module call gathers its weights
             sample_rows = sample_rows or _broadcast(rows.to_pylist(), dist)
             _log_samples(tracker, engine.module, sample_rows, cfg, step)
         if step % train.checkpoint_every == 0 or step == ldm.max_steps:
-            report_checkpoint(engine, optimizer, step, tracker, last, state, restored, dist)
+            report_checkpoint(engine, w.optimizer, step, tracker, last, w.state, w.restored, dist)
 
     # --- export (every rank gathers under ZeRO-3; rank 0 writes and logs)
-    export_trained(engine, cfg, "char_ldm", config["run_name"], rank, tracker)
+    export_trained(engine, cfg, "char_ldm", config["run_name"], w.rank, tracker)
     tracker.end()
 
 

@@ -67,6 +67,7 @@ def test_two_workers_train_the_aligner_under_zero_and_track_in_mlflow(ray_local,
 
     # the export holds only the new parts; loaded back, the LM is the pretrained one, bit for bit
     exported = Path(cfg.work_dir) / "aligner" / summary["run"]
+    assert Path(summary["export"]).resolve() == exported.resolve()  # what the next step reads
     saved = load_file(str(exported / "model.safetensors"))
     assert saved and not any(k.startswith(("lm.", "vision.")) for k in saved)
     torch.manual_seed(0)

@@ -56,6 +56,7 @@ def test_two_workers_train_under_zero_and_track_in_mlflow(ray_local, records, ti
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == [
         "samples/step_0000008.png", "samples/step_0000016.png"]
     exported = Path(cfg.work_dir) / "char_ldm" / summary["run"]
+    assert Path(summary["export"]).resolve() == exported.resolve()  # what the next step reads
     assert (exported / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert "license: apache-2.0" in (exported / "README.md").read_text()  # the model card
     [version] = client.search_model_versions(f"name='{cfg.mlflow.experiment}-char-ldm'")
