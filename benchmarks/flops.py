@@ -149,6 +149,7 @@ def compare_options(step, switches: dict, baseline: dict[str, bool], flops: int,
         out[name] = {"speedup": round(t[False] / t[True], 3),
                      "on": {"s_per_step": round(t[True], 4), **utilisation(flops, t[True], peak)},
                      "off": {"s_per_step": round(t[False], 4), **utilisation(flops, t[False], peak)}}
+        print(f"{name}: {out[name]}", flush=True)  # a long run killed later keeps what it measured
     if not switches:
         baseline_times = list(median_step_times(step, lambda on: None, warmup, steps, sync).values())
     seconds = statistics.median(baseline_times)
