@@ -68,7 +68,9 @@ def device_peak(device: str, override: float | None) -> tuple[float | None, str]
 
 def count_flops(step: Callable[[], object], device: str = "cpu", by_module: bool = False) -> int | dict[str, int]:
     """FLOPs of one ``step()`` call (run once, for real: it changes what it trains). With
-    ``by_module``: {module path: FLOPs} for every module the counter saw ("Global": the total)."""
+    ``by_module``: {module path: FLOPs} for every module the counter saw ("Global": the total).
+    The per-module split of the backward is not reliable in torch 2.13 (backward ops land on
+    modules fed from outside their block, e.g. ``attn2.to_k`` on the conditioning); the total is."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -89,7 +91,11 @@ def utilisation(flops: int, seconds: float, peak: float | None) -> dict:
     if seconds <= 0:
         raise ValueError(f"seconds per step must be positive, got {seconds}")
     achieved = flops / seconds / 1e12
-    return {"tflops_per_s": round(achieved, 4), "mfu": None if peak is None else round(achieved / peak, 4)}
+    return {"tflops_per_s": _figures(achieved), "mfu": None if peak is None else _figures(achieved / peak)}
+
+
+def _figures(x: float) -> float:
+    return float(f"{x:.4g}")  # 4 significant figures: a CPU's TFLOP/s is a small number
 
 
 def step_report(flops: int, seconds: float, peak: float | None, peak_source: str) -> dict:
@@ -165,5 +171,6 @@ def compare_options(step, switches: dict, baseline: dict[str, bool], flops: int,
         t = median_step_times(step, combined, warmup, steps, sync)
         combined(False)
         out["combined"] = {"options": changed, "speedup": round(t[False] / t[True], 3),
-                           "on": {"s_per_step": round(t[True], 4), **utilisation(flops, t[True], peak)}}
+                           "on": {"s_per_step": round(t[True], 4), **utilisation(flops, t[True], peak)},
+                           "off": {"s_per_step": round(t[False], 4), **utilisation(flops, t[False], peak)}}
     return out
