@@ -106,9 +106,10 @@ def tiny_aligner():
     return StoryAligner.from_config(cfg), cfg.aligner.batch_size
 
 
-def real_size_aligner(device: str):
+def real_size_aligner(device: str, size_name: str = "real"):
     """OPT-6.7B and CLIP ViT-L/14 shapes (random weights, bf16, on ``device``) under
-    ``configs/flintstones.yaml``'s aligner; the output width is SD-1.5's CLIP text width."""
+    ``configs/flintstones.yaml``'s aligner; the output width is SD-1.5's CLIP text width.
+    ``size_name`` "smoke": :mod:`benchmarks.real_size`'s small widths (the code path on CPU)."""
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, OPTConfig, OPTForCausalLM
 
@@ -119,7 +120,7 @@ def real_size_aligner(device: str):
     from storygpt.zoo.tokenizers import train_opt_tokenizer
 
     cfg = load_config(REPO / "configs" / "flintstones.yaml", [f"work_dir={tempfile.mkdtemp(prefix='bench-aligner-')}"])
-    size = SIZES["real"]
+    size = SIZES[size_name]
     tokenizer = train_opt_tokenizer(CAPTIONS * 4, 600, size["lm"]["max_position_embeddings"])
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: no fp32 copy of 6.7B weights
