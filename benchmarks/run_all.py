@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks.report import render
 
 HERE = Path(__file__).resolve().parent
-NOT_BENCHMARKS = {"__init__", "common", "report", "run_all",
+NOT_BENCHMARKS = {"__init__", "common", "flops", "report", "run_all",
                   "world_learning"}  # a learning study (20 min on 2 cores): run it by hand
 
 
