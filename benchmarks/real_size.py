@@ -75,7 +75,6 @@ SIZES = {
         "resolution": 64,
         "long_story": 3,
         "sample_steps": 10,  # the code path only
-        "frozen_dtype": "fp32",  # bf16 convolutions crawl on a CPU (--frozen-dtype bf16 runs them)
     },
 }
 VAE_BLOCKS = 4  # SD's VAE: four blocks, x8 down
@@ -313,7 +312,7 @@ def figures(size_name: str, device: str, work: Path, frozen_dtype: str | None = 
     overrides = [f"work_dir={work}", f"char_ldm.resolution={size['resolution']}",
                  *([f"char_ldm.sample_steps={size['sample_steps']}"] if "sample_steps" in size else []),
                  *(f"{k}={v}" for k, v in models.items()),
-                 *([f"models.frozen_dtype={dtype}"] if (dtype := frozen_dtype or size.get("frozen_dtype")) else [])]
+                 *([f"models.frozen_dtype={frozen_dtype}"] if frozen_dtype else [])]
     cfg = load_config(REPO / "configs" / "flintstones.yaml", overrides)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -361,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="default: cuda when there is one")
     parser.add_argument("--work", help="where the weights go (default: a temp dir); a rerun reuses them")
     parser.add_argument("--frozen-dtype", choices=["fp32", "bf16", "fp16"],
-                        help="models.frozen_dtype (default: the preset's, bf16; fp32 at --size smoke)")
+                        help="models.frozen_dtype (default: the preset's, bf16)")
     parser.add_argument("--out", help="also write the result JSON to this file")
     parser.add_argument("--wheels", metavar="DIR", help="only download the wheels the GPU machine lacks into DIR")
     parser.add_argument("--install-from", metavar="DIR", help="first install, offline from DIR, what does not import")
