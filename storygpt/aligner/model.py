@@ -6,6 +6,10 @@ New, trained parts (only these): ``visual`` = W_v2t (d_clip → m·e), ``img_emb
 [IMG] rows (R, e) and ``mapper``. The LM's vocabulary is left alone: [IMG_r] is embedded from
 its own row, and predicted by logits ``h · img_embeddingsᵀ`` appended to the vocabulary's
 (tied new output rows), so nothing of the frozen table is resized, trained or decayed.
+
+The frozen LM and vision tower are kept in ``models.frozen_dtype``; the new parts always in
+fp32 (the optimiser's masters). Values are cast where they cross: into the LM's dtype at its
+input, back to fp32 where the new parts read the LM's states.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from storygpt.aligner.losses import alignment_loss, generation_loss
 from storygpt.aligner.mapper import Mapper
 from storygpt.aligner.sequence import IMAGE, IMG
 from storygpt.config import AlignerConfig, StoryConfig
-from storygpt.models.loading import load_clip_vision, load_lm
+from storygpt.models.loading import frozen_dtype, load_clip_vision, load_lm
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 NEW_PARTS = ("visual.", "img_embeddings", "mapper.")
@@ -48,23 +52,26 @@ class StoryAligner(nn.Module):
         self.embed_dim, self.clip_dim, self.out_dim = embed.embedding_dim, vision.config.projection_dim, out_dim
         self.visual = nn.Linear(self.clip_dim, config.visual_tokens * self.embed_dim)  # W_v2t
         # [IMG] rows start at the scale of the LM's own embeddings
-        self.img_embeddings = nn.Parameter(torch.randn(config.img_tokens, self.embed_dim) * embed.weight.std().item())
+        self.img_embeddings = nn.Parameter(torch.randn(config.img_tokens, self.embed_dim)
+                                           * embed.weight.float().std().item())
         self.mapper = Mapper(self.embed_dim, out_dim, config)
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
     # ------------------------------------------------------------------------- loading
     @classmethod
     def from_config(
-        cls, cfg: StoryConfig, trained_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
+        cls, cfg: StoryConfig, trained_dir: str | Path | None = None, dtype: torch.dtype | None = None
     ) -> StoryAligner:
-        """Frozen LM (``models.lm``) and CLIP vision (``models.clip_vision``); the output width
-        is the CLIP text encoder's (``models.clip_text``: the Char-LDM's conditioning width).
-        With ``trained_dir`` (what :meth:`save_trained` wrote) the new parts are read back."""
+        """Frozen LM (``models.lm``) and CLIP vision (``models.clip_vision``) in ``dtype`` (None:
+        ``models.frozen_dtype``), the new parts in fp32; the output width is the CLIP text
+        encoder's (``models.clip_text``: the Char-LDM's conditioning width). With ``trained_dir``
+        (what :meth:`save_trained` wrote) the new parts are read back."""
+        dtype = frozen_dtype(cfg) if dtype is None else dtype
         tokenizer, lm = load_lm(cfg.require_dir("models.lm"), dtype)
         image_processor, vision = load_clip_vision(cfg.require_dir("models.clip_vision"), dtype)
         text_config = _require(cfg.require_dir("models.clip_text"), CONFIG, "CLIP text encoder")
         out_dim = json.loads(text_config.read_text())["hidden_size"]
-        model = cls(cfg.aligner, tokenizer, lm, image_processor, vision, out_dim).to(dtype)
+        model = cls(cfg.aligner, tokenizer, lm, image_processor, vision, out_dim)
         if trained_dir is not None:
             model._load_trained(Path(trained_dir))
         return model
@@ -119,13 +126,13 @@ class StoryAligner(nn.Module):
 
     @torch.no_grad()
     def frame_features(self, images: list[np.ndarray]) -> torch.Tensor:
-        """(N, d_clip) frozen CLIP image embeddings of (H, W, 3) uint8 frames."""
+        """(N, d_clip) frozen CLIP image embeddings of (H, W, 3) uint8 frames, in fp32 (W_v2t's input)."""
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
-        return self.vision(pixel_values=pixels.to(self.device, self.vision.dtype)).image_embeds
+        return self.vision(pixel_values=pixels.to(self.device, self.vision.dtype)).image_embeds.float()
 
     def embed(self, codes: torch.Tensor, slot: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """(B, T) layout (:mod:`~storygpt.aligner.sequence`) + (F, d_clip) frame features →
-        (B, T, e) LM input embeddings: token rows, W_v2t visual tokens, [IMG] rows."""
+        (B, T, e) LM input embeddings (the LM's dtype): token rows, W_v2t visual tokens, [IMG] rows."""
         embeds = self.lm.get_input_embeddings()(codes.clamp(min=0))
         is_image, is_img = (codes == IMAGE), (codes == IMG)
         # W_v2t runs even with no frame in the batch (first frames only): data-parallel ranks must
@@ -134,7 +141,7 @@ class StoryAligner(nn.Module):
             features = torch.zeros(0, self.clip_dim)
         visual = self.visual(features.to(self.device, self.visual.weight.dtype)).view(-1, self.embed_dim)
         if is_image.any():
-            embeds = torch.where(is_image[..., None], visual[slot * is_image], embeds)
+            embeds = torch.where(is_image[..., None], visual[slot * is_image].to(embeds.dtype), embeds)
         else:
             embeds = embeds + 0.0 * visual.sum()
         return torch.where(is_img[..., None], self.img_embeddings[slot * is_img].to(embeds.dtype), embeds)
@@ -142,17 +149,18 @@ class StoryAligner(nn.Module):
     def hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None):
         """The LM's last hidden states (B, T, e) and its KV cache (``cache``: extended in place;
         None: no cache is kept)."""
-        out = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=cache,
-                            use_cache=cache is not None)
+        out = self.lm.model(inputs_embeds=embeds.to(self.lm.dtype), attention_mask=attention_mask,
+                            past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(…, V + R): the vocabulary's logits, then [IMG_1..R]'s (tied to their input rows)."""
-        return torch.cat([self.lm.lm_head(hidden), hidden @ self.img_embeddings.to(hidden.dtype).T], -1)
+        """(…, V + R) in fp32: the vocabulary's logits, then [IMG_1..R]'s (tied to their input rows)."""
+        hidden = hidden.to(self.lm.dtype)  # [IMG]'s logits at the precision of the vocabulary's
+        return torch.cat([self.lm.lm_head(hidden), hidden @ self.img_embeddings.to(hidden.dtype).T], -1).float()
 
     def conditioning(self, img_hidden: torch.Tensor) -> torch.Tensor:
-        """(B, R, e) [IMG] last hidden states → (B, L, d) Char-LDM conditioning."""
-        return self.mapper(img_hidden + self.img_embeddings.to(img_hidden.dtype))
+        """(B, R, e) [IMG] last hidden states → (B, L, d) Char-LDM conditioning (the mapper's dtype)."""
+        return self.mapper(img_hidden.to(self.img_embeddings.dtype) + self.img_embeddings)
 
     # ------------------------------------------------------------------------- training step
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 import torch
+from torch import nn
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
 from storygpt.char_ldm.fuser import CharacterFuser
@@ -47,6 +48,28 @@ def train_last_vision_layers(vision: CLIPVisionModelWithProjection, layers: int)
         module.requires_grad_(True)
 
 
+def keep_frozen_vision_layers_in(vision: CLIPVisionModelWithProjection, layers: int, dtype: torch.dtype) -> None:
+    """Cast the vision tower's frozen part (all but what :func:`train_last_vision_layers` trains)
+    to ``dtype``; the trained layers keep theirs. The first trained layer casts what enters it to
+    its own dtype (read at each call: a wrapper such as DeepSpeed may recast the module)."""
+    encoder = vision.vision_model.encoder.layers
+    if layers == 0:
+        vision.to(dtype)
+        return
+    vision.vision_model.embeddings.to(dtype)
+    vision.vision_model.pre_layrnorm.to(dtype)
+    for layer in encoder[:len(encoder) - layers]:
+        layer.to(dtype)
+    encoder[len(encoder) - layers].register_forward_pre_hook(_cast_input_to_own_dtype, with_kwargs=True)
+
+
+def _cast_input_to_own_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    dtype = next(module.parameters()).dtype
+    if args:
+        return (args[0].to(dtype), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"].to(dtype)}
+
+
 def character_embeddings(
     vision: CLIPVisionModelWithProjection, pixel_values: torch.Tensor, which: torch.Tensor
 ) -> torch.Tensor:
@@ -77,13 +100,15 @@ def encode_prompts(
     char_token_idx: torch.Tensor | None = None,  # (B, K) long
     char_valid: torch.Tensor | None = None,  # (B, K) bool
 ) -> torch.Tensor:
-    """(B, 77, d_text) conditioning; fused only where ``mode`` is FUSED and a character is valid."""
+    """(B, 77, d_text) conditioning in the fuser's dtype (whatever the frozen encoders' is);
+    fused only where ``mode`` is FUSED and a character is valid."""
     unconditional = (mode == Conditioning.UNCONDITIONAL)[:, None]
     ids = torch.where(unconditional, empty_ids.to(input_ids.device), input_ids)
+    dtype = next(fuser.parameters()).dtype
     with torch.no_grad():  # the text encoder is frozen (paper §4, D.3)
-        states = text_encoder(ids).last_hidden_state
+        states = text_encoder(ids).last_hidden_state.to(dtype)
     if char_pixel_values is None:
         return states
     fuse = char_valid & (mode == Conditioning.FUSED)[:, None]
-    embeds = character_embeddings(vision, char_pixel_values, fuse)
+    embeds = character_embeddings(vision, char_pixel_values, fuse).to(dtype)
     return fuser(states, embeds, char_token_idx, fuse)

@@ -23,6 +23,7 @@ from storygpt.char_ldm.data import tokenize
 from storygpt.char_ldm.encoders import (
     Conditioning,
     encode_prompts,
+    keep_frozen_vision_layers_in,
     sample_conditioning,
     train_last_vision_layers,
 )
@@ -32,7 +33,7 @@ from storygpt.char_ldm.latents import to_latent_space
 from storygpt.char_ldm.losses import attention_in_mask_ratio, lreg_loss, mask_attention
 from storygpt.char_ldm.training import diffusion_target, min_snr_weights, noise_loss
 from storygpt.config import CharLDMConfig, ConfigError, StoryConfig
-from storygpt.models.loading import load_clip_text, load_clip_vision, load_scheduler, load_unet, load_vae
+from storygpt.models.loading import frozen_dtype, load_clip_text, load_clip_vision, load_scheduler, load_unet, load_vae
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -64,10 +65,17 @@ class CharLDM(nn.Module):
     # ------------------------------------------------------------------------- loading
     @classmethod
     def from_config(
-        cls, cfg: StoryConfig, trained_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
+        cls, cfg: StoryConfig, trained_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+        inference: bool = False,
     ) -> CharLDM:
         """The parts from ``cfg.models``; with ``trained_dir`` (what :meth:`save_trained` wrote),
-        its UNet, fuser and vision layers replace the pretrained ones."""
+        its UNet, fuser and vision layers replace the pretrained ones. The frozen parts (VAE, text
+        encoder, the vision tower's frozen layers) are kept in ``dtype`` (None:
+        ``models.frozen_dtype``), the trained ones (UNet, vision layers) in fp32 for the optimiser;
+        with ``inference`` nothing trains, so those are kept in ``dtype`` too. The fuser, a few
+        small layers, stays fp32."""
+        dtype = frozen_dtype(cfg) if dtype is None else dtype
+        trained_dtype = dtype if inference else torch.float32
         # the schedule first: a config that disagrees with it fails before the big parts load
         scheduler = load_scheduler(cfg.require_dir("models.scheduler"))
         if scheduler.config.prediction_type != cfg.char_ldm.prediction_type:
@@ -78,21 +86,22 @@ class CharLDM(nn.Module):
             raise ConfigError(f"char_ldm.sampler: expected 'ddim' for the zero-terminal-SNR schedule at models.scheduler "
                               f"(PNDM has none), got {cfg.char_ldm.sampler!r}")
         tokenizer, text_encoder = load_clip_text(cfg.require_dir("models.clip_text"), dtype)
-        image_processor, vision = load_clip_vision(cfg.require_dir("models.clip_vision"), dtype)
+        image_processor, vision = load_clip_vision(cfg.require_dir("models.clip_vision"), trained_dtype)
         vae = load_vae(cfg.require_dir("models.vae"), dtype)
         trained = Path(trained_dir) if trained_dir is not None else None
         if trained:  # the preset must be the one the export was trained under (before the UNet loads)
             check_index(trained, cfg, dict(scheduler.config), {
                 "vae": dict(vae.config), "clip_text": text_encoder.config.to_dict(), "clip_vision": vision.config.to_dict()})
-        unet = load_unet(trained / "unet" if trained else cfg.require_dir("models.unet"), dtype)
+        unet = load_unet(trained / "unet" if trained else cfg.require_dir("models.unet"), trained_dtype)
         if trained:
             fuser = CharacterFuser(**json.loads(_require(trained / "fuser", CONFIG).read_text()))
             _load_weights(fuser, trained / "fuser", strict=True)
             _load_weights(vision, trained / "vision", strict=False)
         else:
             fuser = CharacterFuser(text_encoder.config.hidden_size, vision.config.projection_dim)
-        fuser.to(dtype)
-        return cls(cfg.char_ldm, vae, unet, text_encoder, tokenizer, image_processor, vision, fuser, scheduler)
+        model = cls(cfg.char_ldm, vae, unet, text_encoder, tokenizer, image_processor, vision, fuser, scheduler)
+        keep_frozen_vision_layers_in(vision, cfg.char_ldm.trainable_vision_layers, dtype)
+        return model
 
     def save_trained(self, out_dir: str | Path) -> None:
         """``unet/`` (diffusers), ``fuser/`` and ``vision/`` (its trained tensors only), each
@@ -142,7 +151,7 @@ class CharLDM(nn.Module):
         size = len(batch["pixel_values"])
         with torch.no_grad():
             latents = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.sample(generator)
-            latents = to_latent_space(self.vae, latents)
+            latents = to_latent_space(self.vae, latents).float()  # the noise and the loss in fp32
         noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         gen_device = generator.device if generator is not None else None
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -158,7 +167,7 @@ class CharLDM(nn.Module):
                 self.attention.capturing(capture) as store:
             conditioning = self.encode_prompts(batch["input_ids"], mode, batch["char_pixel_values"],
                                                batch["char_token_idx"], batch["char_valid"])
-            pred = self.unet(noisy, timesteps, conditioning).sample
+            pred = self.unet(noisy.to(self.unet.dtype), timesteps, conditioning.to(self.unet.dtype)).sample
             maps = store.maps
         weights = None if cfg.snr_gamma is None else min_snr_weights(self.noise_scheduler, timesteps, cfg.snr_gamma)
         denoise = noise_loss(pred, diffusion_target(self.noise_scheduler, latents, noise, timesteps), weights)

@@ -42,9 +42,10 @@ class CharLDMPipeline:
     @classmethod
     def from_config(
         cls, cfg: StoryConfig, trained_dir: str | Path | None = None, device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> CharLDMPipeline:
-        return cls(CharLDM.from_config(cfg, trained_dir, dtype).to(device).eval(), cfg)
+        """Every part but the fuser in ``dtype`` (None: ``models.frozen_dtype``): nothing trains here."""
+        return cls(CharLDM.from_config(cfg, trained_dir, dtype, inference=True).to(device).eval(), cfg)
 
     @torch.no_grad()
     def encode(

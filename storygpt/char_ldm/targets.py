@@ -31,7 +31,7 @@ from storygpt.config import StoryConfig
 from storygpt.data import parts
 from storygpt.data.characters import CharacterTable
 from storygpt.data.record_schema import RECORDS, decode_png
-from storygpt.models.loading import load_clip_text, load_clip_vision
+from storygpt.models.loading import frozen_dtype, load_clip_text, load_clip_vision
 
 # the record fields stage 2 reads, as the record schema types them, + the two targets
 TARGETS = pa.schema([
@@ -76,15 +76,16 @@ class StageTwoTargets:
     def __init__(self, cfg: StoryConfig, char_ldm_dir: str | Path, device: str | torch.device = "cpu"):
         trained = Path(char_ldm_dir)
         self.cfg, self.seed, self.device = cfg.char_ldm, cfg.seed, torch.device(device)
-        self.tokenizer, self.text_encoder = load_clip_text(cfg.require_dir("models.clip_text"))
-        self.image_processor, self.vision = load_clip_vision(cfg.require_dir("models.clip_vision"))
+        dtype = frozen_dtype(cfg)  # nothing trains here: the towers in the preset's frozen dtype
+        self.tokenizer, self.text_encoder = load_clip_text(cfg.require_dir("models.clip_text"), dtype)
+        self.image_processor, self.vision = load_clip_vision(cfg.require_dir("models.clip_vision"), dtype)
         check_index(trained, cfg, None, {"clip_text": self.text_encoder.config.to_dict(),
                                          "clip_vision": self.vision.config.to_dict()})
         train_last_vision_layers(self.vision, self.cfg.trainable_vision_layers)  # the layout save_trained wrote
         _load_weights(self.vision, trained / "vision", strict=False)
         self.fuser = CharacterFuser(**json.loads(_require(trained / "fuser", CONFIG).read_text()))
         _load_weights(self.fuser, trained / "fuser", strict=True)
-        _, self.frame_vision = load_clip_vision(cfg.require_dir("models.clip_vision"))  # pretrained, frozen
+        _, self.frame_vision = load_clip_vision(cfg.require_dir("models.clip_vision"), dtype)  # pretrained, frozen
         for module in (self.text_encoder, self.vision, self.fuser, self.frame_vision):
             module.requires_grad_(False).eval().to(self.device)
         self.empty_ids = tokenize(self.tokenizer, [""])[0].to(self.device)

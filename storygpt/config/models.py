@@ -10,6 +10,7 @@ from pydantic import Field
 from storygpt.config.base import Section
 
 PART = Literal["clip_text", "clip_vision", "vae", "unet", "scheduler", "lm", "sam", "super_resolution"]
+FrozenDtype = Literal["fp32", "bf16", "fp16"]
 
 
 class ModelSource(Section):
@@ -33,6 +34,9 @@ class ModelPaths(Section):
     lm: str
     sam: str
     super_resolution: str
+    frozen_dtype: FrozenDtype = Field(
+        default="fp32", description="the dtype the frozen parts are loaded and kept in (the LM, the CLIP towers' "
+                                    "frozen layers, the VAE; at inference the whole Char-LDM); trained parts stay fp32")
     char_ldm: str | None = Field(default=None, description="trained Char-LDM (train-ldm's export); null: the latest")
     aligner: str | None = Field(default=None, description="trained aligner (train-aligner's export); null: the latest")
     sources: list[ModelSource] = Field(

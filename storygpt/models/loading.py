@@ -2,7 +2,8 @@
 
 Every loader takes a local directory (never a hub id: ``local_files_only``), checks that it
 holds the expected part before handing it to the library, and raises ``FileNotFoundError`` /
-``ValueError`` naming the directory and what it expected. ``dtype`` is the weights' dtype.
+``ValueError`` naming the directory and what it expected. ``dtype`` is the weights' dtype;
+:func:`frozen_dtype` reads the one a preset keeps its frozen parts in (``models.frozen_dtype``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from storygpt.config import StoryConfig
 from storygpt.models.sam import CONFIG_FILE, MODEL_TYPE, WEIGHTS_FILE, SamArchitecture, build_sam
 
 LM_FAMILIES = ("opt", "llama")  # what the aligner knows how to extend with [IMG] tokens
 OFFICIAL_SAM_CHECKPOINT = re.compile(r"sam_(vit_[bhl])_\w*\.pth")  # e.g. sam_vit_h_4b8939.pth
 TOKENIZER_FILE = "tokenizer_config.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # models.frozen_dtype's values
+
+
+def frozen_dtype(cfg: StoryConfig) -> torch.dtype:
+    """The dtype the preset loads and keeps its frozen parts in (``models.frozen_dtype``)."""
+    return DTYPES[cfg.models.frozen_dtype]
 
 
 def load_clip_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
