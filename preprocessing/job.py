@@ -45,15 +45,18 @@ def run(args) -> int:
     return 0
 
 
-class PreprocessManifest(TypedDict):
-    """What ``preprocess`` returns, and writes to ``{output}/manifest.json``: the next steps read ``output``."""
+class Manifest(TypedDict):
+    """What a Ray Data job returns, and writes to ``{output}/manifest.json``: the next step reads ``output``."""
     output: str
-    input: str
-    format: str
     counts: dict[str, int]
     timings: dict[str, float]
     config: dict
     versions: dict[str, str]
+
+
+class PreprocessManifest(Manifest):
+    input: str
+    format: str
 
 
 def preprocess(cfg: StoryConfig) -> PreprocessManifest:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TypedDict
 
 import pyarrow as pa
 
+from preprocessing.job import Manifest
 from storygpt.commands import add_config_arguments
 from storygpt.config import ConfigError, StoryConfig, load_config
 
@@ -42,16 +42,11 @@ def run(args) -> int:
     return 0
 
 
-class TargetsManifest(TypedDict):
-    """What ``precompute`` returns, and writes to ``{output}/manifest.json``: train-aligner reads ``output``."""
-    output: str
+class TargetsManifest(Manifest):
+    """``precompute``'s manifest: train-aligner reads ``output``."""
     records: str
     char_ldm: str
     shape: dict
-    counts: dict[str, int]
-    timings: dict[str, float]
-    config: dict
-    versions: dict[str, str]
 
 
 def precompute(cfg: StoryConfig, records: str | Path | None = None,

@@ -31,8 +31,10 @@ from serving.api import StoryJob
 def _setup_torch(num_cpus: float, num_gpus: float) -> str:
     import torch
 
+    from storygpt.training import pick_device
+
     torch.set_num_threads(max(1, math.ceil(num_cpus)))  # what the replica reserved, not the machine
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return pick_device(num_gpus)
 
 
 def png_base64(image: np.ndarray) -> str:
