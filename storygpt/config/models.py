@@ -3,7 +3,7 @@ sizes of the random tiny models that stand in for them."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -41,6 +41,12 @@ class ModelPaths(Section):
     aligner: str | None = Field(default=None, description="trained aligner (train-aligner's export); null: the latest")
     sources: list[ModelSource] = Field(
         default_factory=list, description="provenance and licences of the parts above (the exports' model cards)")
+
+    NOT_PATHS: ClassVar[tuple[str, ...]] = ("frozen_dtype", "sources")
+
+    def paths(self) -> dict[str, str | None]:
+        """The fields that name a directory: every field but ``NOT_PATHS`` (None: not set)."""
+        return {name: getattr(self, name) for name in type(self).model_fields if name not in self.NOT_PATHS}
 
 
 class TinyZooConfig(Section):

@@ -78,8 +78,7 @@ class StoryConfig(Section):
         data = self.model_dump()
         data["work_dir"] = str(base)
         data["data"]["root"] = absolute(self.data.root)
-        data["models"] = {k: v if v is None or k in ("sources", "frozen_dtype") else absolute(v)
-                          for k, v in data["models"].items()}
+        data["models"].update({k: absolute(v) for k, v in self.models.paths().items() if v is not None})
         data["preprocess"]["output"] = absolute(self.preprocess.output)
         data["precompute"]["output"] = absolute(self.precompute.output)
         data["train"]["storage_path"] = absolute(self.train.storage_path)
