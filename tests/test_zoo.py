@@ -70,8 +70,8 @@ def _digests(root: Path) -> dict[str, str]:
 def test_build_writes_every_part_where_the_preset_expects_it(cfg, built):
     parts, _ = built
     assert set(parts) == PARTS
-    configured = {name: cfg.path(getattr(cfg.models, name)) for name in type(cfg.models).model_fields
-                  if getattr(cfg.models, name) is not None and name != "sources"}  # trained stages (char_ldm, aligner): no zoo part
+    configured = {name: cfg.path(value) for name, value in cfg.models.paths().items()
+                  if value is not None}  # trained stages (char_ldm, aligner): no zoo part
     assert configured["lm"] == parts["opt"]
     assert all(configured[name] == parts[name] for name in configured.keys() - {"lm"})
     files = [p for d in parts.values() for p in d.rglob("*") if p.is_file()]
